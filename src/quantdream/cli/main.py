@@ -1,0 +1,56 @@
+"""`quantdream` command line: thin wrappers that parse, call the library, and exit.
+
+Each subcommand lives in ``quantdream/cli/<name>.py`` and defines ``add_parser(subparsers)``
+(returning its parser) and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+
+# order shown in --help; a module that is not there yet is simply not offered
+COMMANDS = ["generate", "personalize", "quantize", "evaluate", "bench", "compare", "world"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    p = argparse.ArgumentParser(
+        prog="quantdream",
+        description="Personalize text-to-image diffusion models on quantized weights, with forward passes "
+                    "only (ZOODiP) or with the gradient baselines, and measure them side by side.",
+    )
+    p.add_argument("--version", action="version", version=f"quantdream {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        modname = f"quantdream.cli.{name}"
+        if importlib.util.find_spec(modname) is None:
+            continue
+        mod = importlib.import_module(modname)
+        sp = mod.add_parser(sub)
+        sp.set_defaults(_run=mod.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"quantdream {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The embedded model: Stable Diffusion's component classes at a size that trains on 2 CPU cores.
+
+Same classes as SD-1.x (``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel`` +
+``CLIPTokenizer``, ``DDPMScheduler``), text width 768 so a learned token has SD-1.5's shape.
+Differences from SD-1.5, each for the training/storage budget: 64 px images, a 4x autoencoder
+(16x16x4 latents), a 2-layer text encoder with a 1.7k-token CLIP-format vocabulary, 32-token
+prompts, a 3-level UNet.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TEXT_WIDTH = 768
+MAX_LENGTH = 32
+PACKAGE_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded-model"
+TOKENIZER_DIR = PACKAGE_MODEL_DIR / "tokenizer"
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(64, 96, 128), layers_per_block=1, norm_num_groups=16,
+    mid_block_add_attention=False, scaling_factor=1.0,  # set from the latents' std after VAE training
+)
+
+UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(64, 128, 128),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=32,
+)
+
+SCHEDULER_CONFIG = dict(  # SD-1.x's training schedule
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", clip_sample=False, steps_offset=1,
+)
+
+
+def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=1024, num_hidden_layers=2,
+        num_attention_heads=12, max_position_embeddings=MAX_LENGTH, projection_dim=TEXT_WIDTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_components(tokenizer_dir: str | Path = TOKENIZER_DIR) -> dict:
+    """Fresh, randomly initialized components of the embedded model."""
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    return dict(
+        tokenizer=tokenizer,
+        text_encoder=CLIPTextModel(text_config(tokenizer)),
+        vae=AutoencoderKL(**VAE_CONFIG),
+        unet=UNet2DConditionModel(**UNET_CONFIG),
+        scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
+    )

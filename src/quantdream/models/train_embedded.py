@@ -1,0 +1,289 @@
+"""Train the embedded model on the world: autoencoder first, then text encoder + UNet on its latents.
+
+    python -m quantdream.models.train_embedded vae  --run runs/embedded --steps 3000
+    python -m quantdream.models.train_embedded unet --run runs/embedded --steps 16000
+    python -m quantdream.models.train_embedded export --run runs/embedded
+
+Every stage is seeded (batch k is drawn from ``default_rng([seed, k])``, so a resumed run sees the
+same data), checkpoints atomically every ``--ckpt-every`` steps and on Ctrl-C, shows a progress bar,
+and writes sample grids under ``RUN/samples``. Run a stage again to resume it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from ..checkpoint import atomic_json, graceful_interrupt, load_checkpoint, save_checkpoint
+from ..world.captions import caption
+from ..world.fmnist import load_fmnist
+from ..world.render import render_batch, sample_scene
+from .embedded import MAX_LENGTH, PACKAGE_MODEL_DIR, TOKENIZER_DIR, build_components
+
+
+class WorldBatches:
+    """Batch ``k`` of the world's training split, a pure function of (seed, k)."""
+
+    def __init__(self, seed: int, split: str = "train", fmnist: str | None = None):
+        self.items, self.labels = load_fmnist(split, fmnist)
+        self.seed, self.split = seed, split
+
+    def __call__(self, k: int, batch_size: int, captions: bool = False):
+        rng = np.random.default_rng([self.seed, k])
+        scenes = [sample_scene(rng, self.labels, self.split) for _ in range(batch_size)]
+        imgs, masks = render_batch(scenes, self.items, return_mask=True)
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        m = torch.from_numpy(masks)[:, None]
+        caps = [caption(s, rng)[0] for s in scenes] if captions else None
+        return x, m, caps
+
+
+def lr_at(step: int, base: float, total: int, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def save_grid(path: Path, rows: list[torch.Tensor]) -> None:
+    """rows: list of (N, 3, H, W) in [-1, 1] -> one PNG, one row per tensor."""
+    g = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+    arr = ((g.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).resize((arr.shape[1] * 2, arr.shape[0] * 2), Image.NEAREST).save(path)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> float:
+    se = (a - b).pow(2).mean(1, keepdim=True)
+    mse = (se * w).sum() / w.sum().clamp_min(1e-8) if w is not None else se.mean()
+    return float(10 * torch.log10(4.0 / mse.clamp_min(1e-10)))
+
+
+# ----------------------------------------------------------------------------- autoencoder
+def vae_loss(vae, x, m, kl_weight: float):
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample()).sample.float()
+    w = 1.0 + 4.0 * m  # the renderer knows the object: weight its pixels 5x
+    l1 = ((rec - x).abs() * w).mean()
+    # edge term against blur: match horizontal and vertical differences
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]
+    edge = ((dx(rec) - dx(x)).abs() * w[..., :, 1:]).mean() + ((dy(rec) - dy(x)).abs() * w[..., 1:, :]).mean()
+    kl = post.kl().mean() / x[0].numel()
+    return l1 + 0.5 * edge + kl_weight * kl, rec
+
+
+def train_vae(a) -> None:
+    torch.manual_seed(a.seed)
+    run = Path(a.run)
+    ckpt_path = run / "vae.ckpt"
+    vae = build_components()["vae"]
+    opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
+    step = 0
+    if (ck := load_checkpoint(ckpt_path)) is not None:
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        print(f"resuming autoencoder at step {step}")
+    data = WorldBatches(a.seed)
+    x_fix, m_fix, _ = data(10**9, 8)
+    bar = tqdm(total=a.steps, initial=step, desc="autoencoder", dynamic_ncols=True)
+    save = lambda: save_checkpoint(ckpt_path, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                                               "args": vars(a)})
+    with graceful_interrupt() as stop:
+        while step < a.steps and not stop:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, a.lr, a.steps, 200)
+            x, m, _ = data(step, a.batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, rec = vae_loss(vae, x, m, a.kl_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{psnr(rec.detach(), x):.1f}",
+                                psnr_obj=f"{psnr(rec.detach(), x, m):.1f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+            if step % a.ckpt_every == 0 or step == a.steps:
+                save()
+                with torch.no_grad():
+                    r = vae.decode(vae.encode(x_fix).latent_dist.mode()).sample
+                save_grid(run / "samples" / f"vae_{step:06d}.png", [x_fix, r])
+                with open(run / "vae_log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "psnr": psnr(r, x_fix), "psnr_obj": psnr(r, x_fix, m_fix),
+                                        "time": time.time()}) + "\n")
+        save()
+    bar.close()
+
+
+# ----------------------------------------------------------------------------- text encoder + UNet
+def load_trained_vae(run: Path):
+    vae = build_components()["vae"]
+    ck = load_checkpoint(run / "vae.ckpt")
+    if ck is None:
+        raise FileNotFoundError(f"{run / 'vae.ckpt'} not found: train the autoencoder first (stage `vae`)")
+    vae.load_state_dict(ck["model"])
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def sample_images(unet, text_encoder, tokenizer, vae, scheduler_config, prompts, steps=25, guidance=4.0, seed=0,
+                  scaling=1.0):
+    """DDIM sampling with classifier-free guidance; returns images in [-1, 1]."""
+    from diffusers import DDIMScheduler
+    sch = DDIMScheduler.from_config(scheduler_config)
+    sch.set_timesteps(steps)
+    ids = tokenizer(prompts + [""] * len(prompts), padding="max_length", max_length=MAX_LENGTH,
+                    truncation=True, return_tensors="pt").input_ids
+    cond = text_encoder(ids)[0]
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(prompts), 4, 16, 16, generator=g)
+    for t in sch.timesteps:
+        eps = unet(torch.cat([z, z]), t, cond).sample
+        e_c, e_u = eps.chunk(2)
+        z = sch.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
+    return vae.decode(z / scaling).sample
+
+
+def train_unet(a) -> None:
+    torch.manual_seed(a.seed)
+    run = Path(a.run)
+    ckpt_path = run / "unet.ckpt"
+    comps = build_components()
+    tokenizer, te, unet, sched = comps["tokenizer"], comps["text_encoder"], comps["unet"], comps["scheduler"]
+    vae = load_trained_vae(run)
+    data = WorldBatches(a.seed + 1)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
+    step = 0
+    ema = None
+    if (ck := load_checkpoint(ckpt_path)) is not None:
+        unet.load_state_dict(ck["unet"])
+        te.load_state_dict(ck["text_encoder"])
+        opt.load_state_dict(ck["opt"])
+        ema = ck["ema"]
+        step, scaling = ck["step"], ck["scaling"]
+        print(f"resuming text encoder + UNet at step {step}")
+    else:
+        with torch.no_grad():  # SD's scaling factor: 1 / std of the latents
+            z = torch.cat([vae.encode(data(10**9 + i, 64)[0]).latent_dist.mode() for i in range(4)])
+        scaling = float(1.0 / z.std())
+        print(f"latent std {z.std():.4f} -> scaling factor {scaling:.4f}")
+    if ema is None:
+        ema = {k: v.detach().clone() for k, v in list(unet.state_dict(prefix="unet.").items())
+               + list(te.state_dict(prefix="te.").items())}
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    fixed_prompts = [caption(sample_scene(np.random.default_rng([7, i]), data.labels))[0] for i in range(8)]
+    (run / "samples").mkdir(parents=True, exist_ok=True)
+    (run / "samples" / "unet_prompts.txt").write_text("\n".join(fixed_prompts) + "\n")
+    bar = tqdm(total=a.steps, initial=step, desc="text encoder + UNet", dynamic_ncols=True)
+
+    def save():
+        save_checkpoint(ckpt_path, {"unet": unet.state_dict(), "text_encoder": te.state_dict(), "opt": opt.state_dict(),
+                                    "ema": ema, "step": step, "scaling": scaling, "args": vars(a)})
+
+    def ema_models():
+        u, t = copy.deepcopy(unet), copy.deepcopy(te)
+        u.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})
+        t.load_state_dict({k[3:]: v for k, v in ema.items() if k.startswith("te.")})
+        return u.eval(), t.eval()
+
+    with graceful_interrupt() as stop:
+        while step < a.steps and not stop:
+            lr = lr_at(step, a.lr, a.steps, 500)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, _, caps = data(step, a.batch, captions=True)
+            caps = [c if np.random.default_rng([a.seed, step, i]).random() >= 0.1 else "" for i, c in enumerate(caps)]
+            with torch.no_grad():
+                z0 = vae.encode(x).latent_dist.sample() * scaling
+            noise = torch.randn_like(z0)
+            t = torch.randint(0, 1000, (len(z0),))
+            zt = sched.add_noise(z0, noise, t)
+            ids = tokenizer(caps, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                            return_tensors="pt").input_ids
+            pred = unet(zt, t, te(ids)[0]).sample
+            # min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction
+            w = torch.clamp(snr[t], max=5.0) / snr[t]
+            loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            with torch.no_grad():
+                d = min(a.ema, (1 + step) / (10 + step))
+                cur = dict(list(unet.state_dict(prefix="unet.").items()) + list(te.state_dict(prefix="te.").items()))
+                for k, v in ema.items():
+                    v.mul_(d).add_(cur[k].detach(), alpha=1 - d) if v.is_floating_point() else v.copy_(cur[k])
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+            if step % a.ckpt_every == 0 or step == a.steps:
+                save()
+                u, tt = ema_models()
+                imgs = sample_images(u, tt, tokenizer, vae, sched.config, fixed_prompts, scaling=scaling)
+                save_grid(run / "samples" / f"unet_{step:06d}.png", [imgs])
+                with open(run / "unet_log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "loss": loss.item(), "time": time.time()}) + "\n")
+        save()
+    bar.close()
+
+
+# ----------------------------------------------------------------------------- export
+def export(a) -> None:
+    """Write the diffusers folder (EMA weights, fp16 safetensors) that ships inside the package."""
+    from diffusers import StableDiffusionPipeline
+    run = Path(a.run)
+    comps = build_components()
+    vae = load_trained_vae(run)
+    ck = load_checkpoint(run / "unet.ckpt")
+    if ck is None:
+        raise FileNotFoundError(f"{run / 'unet.ckpt'} not found: train stage `unet` first")
+    comps["unet"].load_state_dict({k[5:]: v for k, v in ck["ema"].items() if k.startswith("unet.")})
+    comps["text_encoder"].load_state_dict({k[3:]: v for k, v in ck["ema"].items() if k.startswith("te.")})
+    vae.register_to_config(scaling_factor=ck["scaling"])
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+                                   unet=comps["unet"], scheduler=comps["scheduler"], safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    out = Path(a.out)
+    pipe.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    atomic_json(out / "training.json", {"unet_steps": ck["step"], "args": ck["args"], "scaling_factor": ck["scaling"]})
+    print(f"wrote {out}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=["vae", "unet", "export"])
+    ap.add_argument("--run", default="runs/embedded", help="folder for checkpoints, logs and sample grids")
+    ap.add_argument("--steps", type=int, default=None, help="total steps of the stage (vae 3000, unet 16000)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (vae 5e-4, unet 3e-4)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kl-weight", type=float, default=1e-5, help="KL term per latent element (vae)")
+    ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet/text-encoder weights")
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(PACKAGE_MODEL_DIR), help="export: diffusers folder to write")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    defaults = {"vae": (3000, 5e-4), "unet": (16000, 3e-4), "export": (0, 0)}[a.stage]
+    a.steps = a.steps or defaults[0]
+    a.lr = a.lr or defaults[1]
+    {"vae": train_vae, "unet": train_unet, "export": export}[a.stage](a)
+
+
+if __name__ == "__main__":
+    main()
