@@ -9,7 +9,13 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
+
+# quiet the model libraries' import chatter (e.g. "requires torchvision") unless --verbose
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # order shown in --help; a module that is not there yet is simply not offered
 COMMANDS = ["generate", "personalize", "quantize", "evaluate", "bench", "compare", "world"]

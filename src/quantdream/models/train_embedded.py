@@ -259,7 +259,12 @@ def export(a) -> None:
                                    unet=comps["unet"], scheduler=comps["scheduler"], safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     out = Path(a.out)
-    pipe.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    pipe.to(torch.float16).save_pretrained(str(out), safe_serialization=True)  # fp16 on disk: 40 MB budget
+    # load as fp32 by default (stock from_pretrained follows the config's dtype for the text encoder)
+    cfg_path = out / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(dtype="float32", torch_dtype="float32")
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     atomic_json(out / "training.json", {"unet_steps": ck["step"], "args": ck["args"], "scaling_factor": ck["scaling"]})
     print(f"wrote {out}")
 

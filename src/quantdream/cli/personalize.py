@@ -1,0 +1,91 @@
+"""`quantdream personalize`: learn a token for a subject from a few photos."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  quantdream personalize --images photos/ --token "<my-bag>" --init-word bag --out runs/my-bag
+  quantdream personalize --images photos/ --token "<my-bag>" --init-word bag --method ti --weights none --out runs/ti
+  quantdream personalize --config run.toml --set zoodip.n=4 --set zoodip.sg=false --out runs/ablation
+  quantdream personalize --config run.toml --out runs/my-bag --resume      # after Ctrl-C
+
+settings: defaults < --config FILE.toml < flags/--set. The resolved settings are written to OUT/config.toml.
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "personalize", help="learn a token for your subject from 3-6 photos (ZOODiP or textual inversion)",
+        description="Learn a new token (e.g. <my-bag>) that renders your subject, on a quantized model. "
+                    "ZOODiP uses forward passes only; textual inversion (ti) backpropagates to the token.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--images", help="folder with 3-6 photos of the subject (png/jpg/webp/bmp)")
+    a("--token", help='the new token to learn, e.g. "<my-bag>" (must not be a word the model knows)')
+    a("--init-word", dest="init_word", help="one-token class word to start from, e.g. bag")
+    a("--out", help="output folder (new or empty; with --resume, the interrupted run's folder)")
+    a("--model", help="'tiny' (the embedded model, default) or a local Stable Diffusion diffusers folder")
+    a("--method", choices=["zoodip", "ti"], help="zoodip (default; forward passes only) or ti (backpropagation)")
+    a("--weights", choices=["int8", "int4", "none"], help="weight quantization of the frozen model (default int8)")
+    a("--steps", type=int, help="training steps (default: the method's default for the model)")
+    a("--seed", type=int, help="seed of every random stream (default 0)")
+    a("--lr", type=float, help="learning rate of the chosen method")
+    a("--config", help="TOML file with settings (flags override it)")
+    a("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto)")
+    a("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="activation dtype (default auto)")
+    a("--num-vectors", dest="num_vectors", type=int, help="embedding vectors per token (default 1)")
+    a("--batch-size", dest="batch_size", type=int, help="images per step (default 1)")
+    a("--captions", help="'auto' (IMAGES/captions.json if present, else templates), 'templates', or a JSON "
+                         'file {"00.png": "a photo of a {} on a green background", ...}')
+    a("--learnable-property", dest="learnable_property", choices=["object", "style"],
+      help="caption templates for an object (default) or a style")
+    a("--init-embedding", dest="init_embedding", help="start from a saved embedding file instead of --init-word")
+    a("--sample-every", dest="sample_every", type=int, help="sample grid every N steps (0: final grid only)")
+    a("--checkpoint-every", dest="checkpoint_every", type=int, help="checkpoint + snapshot every N steps")
+    a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    a("--export-a1111", dest="export_a1111", action="store_true", default=None,
+      help="also write learned_embeds.pt for AUTOMATIC1111")
+    a("--resume", action="store_true", default=None, help="continue the interrupted run in --out")
+    a("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+      help="any setting, e.g. zoodip.n=4, zoodip.sg=false, ti.puts=true, sample_prompts='[\"a {}\"]'")
+    return p
+
+
+FLAGS = ("images", "token", "init_word", "out", "model", "method", "weights", "steps", "seed", "device", "dtype",
+         "num_vectors", "batch_size", "captions", "learnable_property", "init_embedding", "sample_every",
+         "checkpoint_every", "threads", "export_a1111", "resume")
+
+
+def config_from_args(args):
+    from ..train import build_config, parse_assignment
+    overrides: dict = {}
+    for text in args.assignments:
+        for k, v in parse_assignment(text).items():
+            overrides[k] = {**overrides.get(k, {}), **v} if isinstance(v, dict) else v
+    for name in FLAGS:
+        v = getattr(args, name, None)
+        if v is not None:
+            overrides[name] = v
+    cfg = build_config(args.config, overrides)
+    if args.lr is not None:
+        sect = dict(getattr(cfg, cfg.method))
+        sect["lr"] = args.lr
+        setattr(cfg, cfg.method, sect)
+    return cfg
+
+
+def run(args) -> int:
+    from ..train import personalize
+    cfg = config_from_args(args)
+    result = personalize(cfg, progress=True)
+    if not result.completed:
+        print(f"interrupted at step {result.step}; continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    s = result.summary
+    print(f"learned {cfg.token!r} in {s['steps']} steps ({s['unet_forward_passes']} UNet forward passes, "
+          f"{s['seconds']:.0f} s): {cfg.out}/learned_embeds.safetensors")
+    return 0

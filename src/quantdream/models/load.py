@@ -1,0 +1,77 @@
+"""Resolve and load a text-to-image model: ``tiny`` (the embedded model), a diffusers folder, or a
+single-file ``.safetensors``/``.ckpt`` Stable Diffusion checkpoint. Never downloads."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .embedded import PACKAGE_MODEL_DIR
+
+# sampling defaults per model family: (steps, guidance)
+SAMPLING_DEFAULTS = {"tiny": (25, 4.0), "sd": (50, 7.5)}
+
+
+def resolve_model(model: str | Path) -> Path:
+    """Map ``tiny`` to the packaged embedded model and check that a path is a model we can read."""
+    if str(model) == "tiny":
+        if not (PACKAGE_MODEL_DIR / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded model is missing from the package ({PACKAGE_MODEL_DIR}); reinstall quantdream or "
+                "train it with `python -m quantdream.models.train_embedded`")
+        return PACKAGE_MODEL_DIR
+    p = Path(model).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model path {str(p)!r} does not exist (give `tiny` or a local Stable Diffusion "
+                                "diffusers folder or .safetensors file; nothing is downloaded)")
+    if p.is_dir() and not (p / "model_index.json").is_file():
+        found = sorted(x.name for x in p.iterdir())[:10]
+        raise ValueError(f"{p} is not a diffusers pipeline folder: no model_index.json (it holds {found}). "
+                         "Point --model at the folder that contains model_index.json, unet/, vae/, text_encoder/")
+    if p.is_file() and p.suffix not in (".safetensors", ".ckpt"):
+        raise ValueError(f"{p} is not a Stable Diffusion checkpoint (.safetensors or .ckpt expected)")
+    return p
+
+
+def pipeline_class(path: Path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    if path.is_dir():
+        name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+        if "XL" in name:
+            return StableDiffusionXLPipeline
+        if name and name != "StableDiffusionPipeline":
+            raise ValueError(f"{path} holds a {name}; quantdream supports StableDiffusionPipeline (SD-1.x/2.x) "
+                             "and StableDiffusionXLPipeline")
+    return StableDiffusionPipeline
+
+
+def is_tiny(path: Path) -> bool:
+    return Path(path).resolve() == PACKAGE_MODEL_DIR.resolve()
+
+
+def load_pipeline(model: str | Path = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a pipeline in ``dtype`` on ``device`` with no safety checker and no network access."""
+    path = resolve_model(model)
+    cls = pipeline_class(path)
+    import diffusers
+    new = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 40)
+    kw = {"dtype" if new else "torch_dtype": dtype}
+    if cls.__name__ == "StableDiffusionPipeline":
+        kw.update(safety_checker=None, requires_safety_checker=False)
+    if path.is_file():
+        pipe = cls.from_single_file(str(path), local_files_only=True, **kw)
+    else:
+        pipe = cls.from_pretrained(str(path), local_files_only=True, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return device
