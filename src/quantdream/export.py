@@ -1,0 +1,79 @@
+"""Learned-token files other programs read.
+
+    diffusers  learned_embeds.safetensors   {token: float32 [num_vectors, d]}   (pipe.load_textual_inversion)
+    A1111      <name>.pt                     {"string_to_token": {"*": 265}, "string_to_param": {"*": [n, d]},
+                                              "name": token, "step": step}
+    SDXL       learned_embeds.safetensors (768) + learned_embeds_2.safetensors (1280): not yet supported
+
+``load_embedding`` reads all three formats back (plus kohya's {"emb_params": [n, d]}).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import atomic_write
+
+DIFFUSERS_NAME = "learned_embeds.safetensors"
+
+
+def _rows(theta: torch.Tensor) -> torch.Tensor:
+    theta = theta.detach().float().cpu()
+    if theta.dim() == 1:
+        theta = theta[None]
+    if theta.dim() != 2:
+        raise ValueError(f"an embedding must be [num_vectors, dim], got shape {tuple(theta.shape)}")
+    return theta.contiguous()
+
+
+def save_diffusers(path: str | Path, token: str, theta: torch.Tensor) -> Path:
+    """Write {token: [num_vectors, d]} as safetensors (atomic). ``path`` may be a folder."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / DIFFUSERS_NAME
+    rows = _rows(theta)
+    atomic_write(path, lambda tmp: save_file({token: rows}, tmp))
+    return path
+
+
+def save_a1111(path: str | Path, token: str, theta: torch.Tensor, step: int = 0) -> Path:
+    """Write an AUTOMATIC1111 embedding (.pt, the token's name is the file's ``name`` field)."""
+    path = Path(path)
+    data = {"string_to_token": {"*": 265}, "string_to_param": {"*": _rows(theta)}, "name": token,
+            "step": int(step), "sd_checkpoint": None, "sd_checkpoint_name": None}
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return path
+
+
+def save_sdxl(path: str | Path, token: str, theta_l: torch.Tensor, theta_g: torch.Tensor) -> Path:
+    raise ValueError("SDXL (two text encoders, two embedding files) is not supported yet; "
+                     "use an SD-1.x or SD-2.x model")
+
+
+def load_embedding(path: str | Path) -> tuple[str | None, torch.Tensor]:
+    """(token or None, [num_vectors, d]) from a diffusers, A1111 or kohya file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIFFUSERS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"embedding file {str(path)!r} does not exist")
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else \
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read embedding file {str(path)!r}: {e}") from None
+    if isinstance(state, torch.Tensor):
+        return None, _rows(state)
+    if "string_to_param" in state:
+        return state.get("name"), _rows(state["string_to_param"]["*"])
+    if "emb_params" in state:
+        return None, _rows(state["emb_params"])
+    if "clip_l" in state or "clip_g" in state:
+        raise ValueError(f"{str(path)!r} is an SDXL embedding (clip_l/clip_g); SDXL is not supported yet")
+    if len(state) == 1:
+        token, rows = next(iter(state.items()))
+        return token, _rows(rows)
+    raise ValueError(f"{str(path)!r} is not an embedding file quantdream knows: expected one tensor keyed by the "
+                     f"token (diffusers), 'string_to_param' (A1111) or 'emb_params' (kohya); found keys {list(state)[:5]}")

@@ -1,0 +1,264 @@
+"""What every personalization method shares: the placeholder token, the objective, the random
+streams, and the result of a run.
+
+    L(theta) = E_{x, y, eps, t} || eps - eps_phi(z_t, t, c(y; theta)) ||^2         (LDM Eq. 1)
+
+theta (num_vectors, d) are the rows of the new token; they are spliced into the text encoder's
+input embeddings by a forward hook on the token-embedding layer, so one batch can carry a different
+theta per row (the clean and the n perturbed tokens of ZOODiP) and the frozen embedding table is
+never trained. ``objective(theta, batch, generator)`` evaluates K candidates on one batch with common
+random numbers: one draw of t and eps from ``generator`` serves every candidate.
+"""
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..data.dataset import Batch
+from ..diffusion import TimestepSampler, add_noise, draw_noise, epsilon_mse, uniform
+
+
+# ----------------------------------------------------------------------------- randomness
+@dataclass
+class Streams:
+    """The one place a seed becomes generators. Each consumer has its own stream, so previews or an
+    extra ZO direction never shift the data or noise a step sees; all states go into checkpoints."""
+
+    data: torch.Generator        # image, flip, caption, VAE-posterior sample
+    noise: torch.Generator       # t and eps (shared by all candidates of a step)
+    directions: torch.Generator  # ZO directions e_i
+
+    @classmethod
+    def from_seed(cls, seed: int, device: str | torch.device = "cpu") -> "Streams":
+        def gen(offset: int, dev) -> torch.Generator:
+            return torch.Generator(device=dev).manual_seed(seed * 1000 + offset)
+        return cls(data=gen(1, "cpu"), noise=gen(2, device), directions=gen(3, device))
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).get_state() for k in ("data", "noise", "directions")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, s in state.items():
+            getattr(self, k).set_state(s)
+
+
+def preview_generator(seed: int) -> torch.Generator:
+    """Previews restart from the same seed every time, so grids at different steps are comparable."""
+    return torch.Generator().manual_seed(seed * 1000 + 4)
+
+
+# ----------------------------------------------------------------------------- placeholder token
+@dataclass
+class Placeholder:
+    token: str                 # what the user types in prompts, e.g. "<my-bag>"
+    tokens: list[str]          # [token, token_1, ...], one per vector (diffusers' multi-vector naming)
+    ids: list[int]
+    init_vectors: torch.Tensor  # (num_vectors, d) float32
+
+    @property
+    def text(self) -> str:
+        """What replaces '{}' in a caption."""
+        return " ".join(self.tokens)
+
+
+def check_placeholder(tokenizer, text_encoder, token: str, init_word: str, num_vectors: int = 1,
+                      init_vectors: torch.Tensor | None = None) -> int:
+    """Validate everything about the new token before anything is changed; returns the init word's id."""
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"--token {token!r} must be one word without spaces, e.g. '<my-bag>'")
+    if num_vectors < 1:
+        raise ValueError(f"--num-vectors must be >= 1, got {num_vectors}")
+    vocab = tokenizer.get_vocab()
+    names = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+    for name in names:
+        ids = tokenizer.encode(name, add_special_tokens=False)
+        if name in vocab or (len(ids) == 1 and ids[0] != tokenizer.unk_token_id):
+            raise ValueError(f"--token {name!r} is already in the tokenizer's vocabulary; choose a new string "
+                             f"such as '<my-{token.strip('<>')}>' so prompts using the word keep their meaning")
+    ids = tokenizer.encode(init_word, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(f"--init-word {init_word!r} splits into {len(ids)} tokens {pieces}; choose a word "
+                         f"that is a single token of this model's tokenizer (e.g. the class noun)")
+    width = text_encoder.get_input_embeddings().weight.shape[1]
+    if init_vectors is not None and tuple(init_vectors.shape) != (num_vectors, width):
+        raise ValueError(f"initial embedding has shape {tuple(init_vectors.shape)} but this model needs "
+                         f"({num_vectors}, {width}): {width}-wide text encoder "
+                         f"({'SD-1.x' if width == 768 else 'SD-2.x' if width == 1024 else 'this model'}), "
+                         f"{num_vectors} vector(s)")
+    return ids[0]
+
+
+def add_placeholder(tokenizer, text_encoder, token: str, init_word: str, num_vectors: int = 1,
+                    init_vectors: torch.Tensor | None = None) -> Placeholder:
+    """Add the token as Stable Diffusion's TI does (tokenizer.add_tokens + resize_token_embeddings),
+    each new row initialised from the init word (or ``init_vectors``). Validates first."""
+    init_id = check_placeholder(tokenizer, text_encoder, token, init_word, num_vectors, init_vectors)
+    # ---- validated; mutate
+    tokens = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+    tokenizer.add_tokens(tokens)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        if init_vectors is None:
+            init_vectors = table[init_id].detach().float().clone().expand(num_vectors, -1).clone()
+        for i, vec in zip(ids, init_vectors):
+            table[i] = vec.to(table.dtype)
+    return Placeholder(token=token, tokens=tokens, ids=list(ids), init_vectors=init_vectors.float().clone())
+
+
+def write_rows(text_encoder, placeholder: Placeholder, theta: torch.Tensor) -> None:
+    """Store the learned rows in the embedding table (for pipelines that read the table)."""
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for i, vec in zip(placeholder.ids, theta):
+            table[i] = vec.to(device=table.device, dtype=table.dtype)
+
+
+# ----------------------------------------------------------------------------- the objective
+class DenoisingObjective:
+    """L(theta) on one batch for K candidate tokens at once: theta (K, V, d) -> losses (K,).
+
+    The K candidates share the batch's latents and captions and one draw of (t, eps) from
+    ``generator`` (common random numbers); all K*B rows go through the text encoder and the UNet
+    as one batch. Gradients flow to theta when the caller enables them (textual inversion)."""
+
+    def __init__(self, tokenizer, text_encoder, unet, scheduler, placeholder: Placeholder,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 timesteps: TimestepSampler | None = None) -> None:
+        self.tokenizer, self.text_encoder, self.unet = tokenizer, text_encoder, unet
+        self.placeholder = placeholder
+        self.device, self.dtype = torch.device(device), dtype
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.timesteps = timesteps or uniform(self.num_train_timesteps)
+        self.max_length = tokenizer.model_max_length
+        self.forward_passes = 0          # UNet evaluations of one sample (K * B per call)
+        self._ids_cache: dict[str, torch.Tensor] = {}
+        self._rows: torch.Tensor | None = None
+        self._pid = torch.tensor(placeholder.ids, device=self.device)
+        self._hook = text_encoder.get_input_embeddings().register_forward_hook(self._splice)
+
+    def close(self) -> None:
+        """Detach from the text encoder (the model then reads only its embedding table)."""
+        self._hook.remove()
+
+    def set_timesteps(self, sampler: TimestepSampler) -> None:
+        sampler.check(self.num_train_timesteps)
+        self.timesteps = sampler
+
+    # -- text
+    def _splice(self, module, inputs, out):
+        if self._rows is None:
+            return out
+        ids = inputs[0]                                            # (N, L)
+        for j in range(self._pid.numel()):
+            m = (ids == self._pid[j]).unsqueeze(-1)                # (N, L, 1)
+            out = torch.where(m, self._rows[:, j, None, :].to(out.dtype), out)
+        return out
+
+    def token_ids(self, captions: list[str]) -> torch.Tensor:
+        rows = []
+        for c in captions:
+            if c not in self._ids_cache:
+                self._ids_cache[c] = self.tokenizer(c, padding="max_length", max_length=self.max_length,
+                                                    truncation=True, return_tensors="pt").input_ids[0]
+            rows.append(self._ids_cache[c])
+        return torch.stack(rows).to(self.device)
+
+    @contextmanager
+    def spliced(self, rows: torch.Tensor):
+        """Within the block, placeholder positions of row r of a text batch read rows[r]: (N, V, d)."""
+        self._rows = rows.to(self.device)
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    def encode_text(self, theta: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """theta (K, V, d), B captions -> conditioning (K*B, L, d), candidate-major."""
+        K, B = theta.shape[0], len(captions)
+        ids = self.token_ids(captions).repeat(K, 1)                 # (K*B, L)
+        with self.spliced(theta.repeat_interleave(B, 0)):
+            return self.text_encoder(ids)[0].to(self.dtype)
+
+    # -- loss
+    def __call__(self, theta: torch.Tensor, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        if theta.dim() == 2:
+            theta = theta[None]
+        K = theta.shape[0]
+        z = batch.latents.to(self.device)
+        B = z.shape[0]
+        noise = draw_noise(tuple(z.shape), self.timesteps, generator)
+        z_t = add_noise(z, noise.eps.to(self.device), noise.t.to(self.device), self.alphas_cumprod)  # forward diffusion
+        cond = self.encode_text(theta, batch.captions)              # (K*B, L, d)
+        t = noise.t.to(self.device).repeat(K)                       # (K*B,)
+        pred = self.unet(z_t.repeat(K, 1, 1, 1).to(self.dtype), t, cond).sample
+        self.forward_passes += K * B
+        return epsilon_mse(pred, noise.eps.to(self.device).repeat(K, 1, 1, 1)).view(K, B).mean(1)
+
+
+# ----------------------------------------------------------------------------- methods
+class Method:
+    """A personalization method: owns theta (V, d) float32 and how it is updated, nothing else."""
+
+    name = "base"
+    config_class: type = object
+
+    def __init__(self, objective: DenoisingObjective, theta0: torch.Tensor, config) -> None:
+        self.objective, self.config = objective, config
+        self.theta = theta0.detach().float().clone().to(objective.device)
+
+    @property
+    def lr(self) -> float:
+        return float(self.config.lr)
+
+    def step(self, batch: Batch, streams: Streams) -> torch.Tensor:
+        """One optimisation step; returns the step's loss (a 0-d tensor, not synchronised)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+def config_from_dict(cls, values: dict[str, Any], section: str):
+    """Build a frozen config dataclass, refusing unknown keys with the closest valid one."""
+    import dataclasses
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for k in values:
+        if k not in valid:
+            close = difflib.get_close_matches(k, valid, n=1)
+            hint = f"; did you mean {section}.{close[0]}?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ValueError(f"unknown setting {section}.{k}{hint}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in values.items():
+        ref = defaults[k]
+        if isinstance(ref, float) and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        elif isinstance(ref, tuple) and isinstance(v, list):
+            v = tuple(v)
+        elif type(v) is not type(ref):
+            raise ValueError(f"{section}.{k} = {v!r} should be a {type(ref).__name__} (like {ref!r})")
+        out[k] = v
+    return cls(**out)
+
+
+@dataclass
+class RunResult:
+    """What a finished (or interrupted) run hands back; ``run.json`` is its ``summary``."""
+
+    theta: torch.Tensor
+    placeholder: Placeholder
+    step: int
+    completed: bool
+    losses: list[float] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)

@@ -1,0 +1,530 @@
+"""The training scaffold shared by every personalization method.
+
+    personalize(RunConfig(images=..., token="<my-bag>", init_word="bag", out=...)) -> RunResult
+
+Order of work: validate every input (images, captions, model, token, bit width, settings) ->
+load and quantize the frozen model -> encode the photos once -> create the output folder ->
+loop (sample a batch, ``method.step``, log, checkpoint, sample grids) -> export.
+
+Output folder:
+    config.toml                  the resolved configuration (defaults < TOML file < command line)
+    checkpoint.pt                token, optimizer state, SG buffer and projector, RNG states (atomic)
+    snapshots/step_NNNNNN.safetensors    the token at every checkpoint
+    samples/step_NNNNNN.png      fixed-seed sample grids (rows: prompts)
+    learned_embeds.safetensors   the result, diffusers format (written last, with run.json)
+    learned_embeds.pt            A1111 format (``export_a1111 = true``)
+    loss.png, losses.json, run.json
+
+The library does not print: progress goes to a tqdm bar when ``progress=True`` and to ``callback``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import atomic_json, atomic_write, graceful_interrupt, load_checkpoint, save_checkpoint
+from .data.dataset import SubjectImages, list_images, load_caption_file
+from .methods import METHODS, method_class
+from .methods.base import (DenoisingObjective, Placeholder, RunResult, Streams, add_placeholder,
+                           check_placeholder, config_from_dict, preview_generator, write_rows)
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = {"none": None, "int8": 8, "int4": 4}
+CHECKPOINT = "checkpoint.pt"
+
+# Settings that change the training trajectory: a resumed run must match them.
+TRAJECTORY_KEYS = ("images", "token", "init_word", "model", "method", "weights", "seed", "batch_size",
+                   "num_vectors", "learnable_property", "captions", "flip_p", "resolution", "dtype")
+
+# PROVISIONAL: the embedded model is still being trained; these were chosen on a random-weight model
+# for cost (a few minutes on 2 CPU cores) and must be re-tuned on the trained model.
+EMBEDDED_DEFAULTS = {
+    "zoodip": {"steps": 1500, "section": {"lr": 1e-2}},   # PROVISIONAL
+    "ti": {"steps": 400, "section": {"lr": 5e-3}},         # PROVISIONAL
+}
+# Stable Diffusion (a local diffusers folder): the paper's settings (methods.md 1.9, §S1.5).
+SD_DEFAULTS = {
+    "zoodip": {"steps": 30000, "section": {}},
+    "ti": {"steps": 5000, "section": {}},
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Method settings live in the ``zoodip`` / ``ti`` tables."""
+
+    images: str = ""                  # folder of 3-6 photos of the subject
+    token: str = ""                   # the new token, e.g. "<my-bag>"
+    init_word: str = ""               # one-token class word that initialises it, e.g. "bag"
+    out: str = ""                     # output folder (must be new or empty, unless resume)
+    model: str = "tiny"               # "tiny" (the embedded model) or a local diffusers folder
+    method: str = "zoodip"            # zoodip | ti
+    weights: str = "int8"             # int8 | int4 | none: weight quantization of UNet, VAE, text encoder
+    steps: int = 0                    # 0: the method's default for the model
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda
+    dtype: str = "auto"               # auto (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16
+    batch_size: int = 1
+    num_vectors: int = 1
+    learnable_property: str = "object"  # object | style (caption templates)
+    captions: str = "auto"            # auto: IMAGES/captions.json if present, else templates | templates | PATH
+    flip_p: float = 0.5
+    resolution: int = 0               # 0: the model's native resolution
+    init_embedding: str = ""          # start from a saved embedding instead of the init word
+    checkpoint_every: int = 500
+    sample_every: int = 500           # 0: only the final grid
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a photo of a {}", "a {} on a green background", "a {} at the top left"])
+    sample_images: int = 2            # per prompt
+    sample_steps: int = 25            # DDIM steps
+    guidance: float = 0.0             # 0: 4.0 on the embedded model, 7.5 otherwise
+    export_a1111: bool = False
+    threads: int = 0                  # torch CPU threads; 0 leaves torch's default
+    resume: bool = False
+    zoodip: dict = field(default_factory=dict)
+    ti: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- config files
+def _closest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def merge_config(base: dict, overrides: dict, where: str) -> dict:
+    """Overlay ``overrides`` (from a TOML file or the command line) on ``base``; unknown keys fail."""
+    out = dict(base)
+    for k, v in overrides.items():
+        if k not in base:
+            raise ValueError(f"unknown setting {k!r} in {where}{_closest(k, list(base))}")
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ValueError(f"{k!r} in {where} must be a table of method settings, got {v!r}")
+            out[k] = {**base[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+def parse_assignment(text: str) -> dict:
+    """'zoodip.lr=0.01' -> {'zoodip': {'lr': 0.01}}; values are TOML literals, else strings."""
+    if "=" not in text:
+        raise ValueError(f"--set expects KEY=VALUE (e.g. zoodip.n=4), got {text!r}")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    parts = key.split(".")
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(f"--set key {key!r} must be NAME or SECTION.NAME")
+    return {parts[0]: {parts[1]: value}} if len(parts) == 2 else {key: value}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if not (isinstance(v, float) and math.isinf(v)) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def dump_toml(d: dict) -> str:
+    """A flat TOML writer for RunConfig (scalars, lists, one level of tables; None is left out)."""
+    top = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items() if vv is not None)
+              for k, v in d.items() if isinstance(v, dict)]
+    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+
+
+# ----------------------------------------------------------------------------- model loading
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise ValueError(f"--dtype must be auto, float32, float16 or bfloat16, got {name!r}")
+    return table[name]
+
+
+def check_model(model: str) -> tuple[Path, bool]:
+    """(resolved path, is the embedded model); refuses what cannot be trained yet, before loading."""
+    from .models.load import is_tiny, pipeline_class, resolve_model
+    path = resolve_model(model)
+    if pipeline_class(path).__name__ != "StableDiffusionPipeline":
+        raise ValueError(f"--model {model!r} is an SDXL pipeline (two text encoders); personalizing SDXL is not "
+                         f"supported yet: use an SD-1.x/2.x model")
+    return path, is_tiny(path)
+
+
+def load_components(model: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """tokenizer, text_encoder, vae, unet from the shared loader, and the DDPM training scheduler."""
+    from diffusers import DDPMScheduler
+    from .models.load import load_pipeline
+    pipe = load_pipeline(model, device=str(device), dtype=dtype)
+    # training always uses the DDPM forward process, whatever sampler the folder ships
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
+                scheduler=scheduler)
+
+
+def quantizer(weights: str):
+    """quantdream.quant.quantize_model, imported only when asked for."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if weights == "none":
+        return None
+    try:
+        from .quant import quantize_model
+    except ImportError:
+        raise ValueError(f"--weights {weights} needs quantdream's quantization engine (quantdream.quant), "
+                         f"which is not in this build yet; run with --weights none") from None
+    return quantize_model
+
+
+# ----------------------------------------------------------------------------- memory
+class MemoryProbe:
+    """Training-phase peak memory: the process high-water mark (VmHWM protocol, quantdream.memory) and,
+    on CUDA, the allocator's peak allocated / reserved."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        try:
+            from . import memory
+        except ImportError:
+            memory = None
+        self.memory = memory
+
+    def reset(self) -> None:
+        if self.memory is not None and hasattr(self.memory, "reset_peak"):
+            self.memory.reset_peak()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> dict:
+        out: dict[str, Any] = {}
+        if self.memory is not None and hasattr(self.memory, "peak"):
+            p = self.memory.peak()
+            out.update(p if isinstance(p, dict) else {"process_peak": p})
+        else:
+            out["process_peak"] = None
+            out["note"] = "quantdream.memory not available in this build"
+        if self.device.type == "cuda":
+            out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+        return out
+
+
+# ----------------------------------------------------------------------------- previews and plots
+@torch.no_grad()
+def sample_grid(objective: DenoisingObjective, vae, scheduler_config, theta: torch.Tensor, placeholder: Placeholder,
+                prompts: list[str], per_prompt: int, steps: int, guidance: float, seed: int,
+                latent_shape: tuple[int, int, int], scaling: float) -> torch.Tensor:
+    """DDIM samples with classifier-free guidance, (rows*H, cols*W, 3) uint8; the same seed every time."""
+    from diffusers import DDIMScheduler
+    sch = DDIMScheduler.from_config(scheduler_config)
+    sch.set_timesteps(steps)
+    captions = [p.format(placeholder.text) for p in prompts for _ in range(per_prompt)]
+    N = len(captions)
+    gen = preview_generator(seed)
+    z = torch.randn((N, *latent_shape), generator=gen).to(objective.device, objective.dtype)
+    cond = objective.encode_text(theta.detach()[None], captions)                  # (N, L, d)
+    uncond = objective.encode_text(theta.detach()[None], [""] * N)
+    for t in sch.timesteps:
+        eps = objective.unet(torch.cat([z, z]), t.to(objective.device), torch.cat([cond, uncond])).sample
+        e_c, e_u = eps.chunk(2)
+        z = sch.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
+    x = vae.decode((z / scaling).to(next(vae.parameters()).dtype)).sample.float().clamp(-1, 1).cpu()
+    x = ((x + 1) * 127.5).round().to(torch.uint8)                                    # (N, 3, H, W)
+    rows = x.view(len(prompts), per_prompt, *x.shape[1:])
+    return torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1).permute(1, 2, 0)
+
+
+def save_png(path: Path, img: torch.Tensor, upscale: int = 1) -> None:
+    from PIL import Image
+    im = Image.fromarray(img.numpy())
+    if upscale > 1:
+        im = im.resize((im.width * upscale, im.height * upscale), Image.NEAREST)
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def plot_losses(path: Path, losses: list[float], title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = range(1, len(losses) + 1)
+    ax.plot(steps, losses, lw=0.5, alpha=0.4, label="loss")
+    w = max(1, min(50, len(losses) // 10))
+    if len(losses) >= w > 1:
+        t = torch.tensor(losses)
+        ma = torch.nn.functional.avg_pool1d(t[None, None], w, stride=1)[0, 0].tolist()
+        ax.plot(range(w, len(losses) + 1), ma, lw=1.5, label=f"mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("epsilon MSE")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the run
+def _validate(cfg: RunConfig) -> tuple[dict, Any]:
+    """Settings that need no model: method, bit width, numbers, the method's own table."""
+    for name in ("images", "token", "init_word", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"missing --{name.replace('_', '-')} (or `{name} = ...` in the config file)")
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    quantize = quantizer(cfg.weights)
+    for name in ("steps", "resolution", "checkpoint_every", "sample_every", "threads"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("batch_size", "num_vectors", "sample_images", "sample_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for p in cfg.sample_prompts:
+        if "{}" not in p:
+            raise ValueError(f"sample prompt {p!r} needs '{{}}' where the token goes")
+    return getattr(cfg, cfg.method), quantize
+
+
+def _prepare_out(cfg: RunConfig) -> dict | None:
+    """Check the output folder; returns the checkpoint to resume from, if any. Creates nothing."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {cfg.out!r} is a file; give a folder")
+    ckpt = load_checkpoint(out / CHECKPOINT) if out.is_dir() else None
+    if cfg.resume:
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {cfg.out!r} to continue from")
+        old = ckpt["config"]
+        diff = [k for k in TRAJECTORY_KEYS if old.get(k) != cfg.to_dict().get(k)]
+        if old.get(cfg.method) != getattr(cfg, cfg.method):
+            diff.append(cfg.method)
+        if diff:
+            raise ValueError(f"--resume: the checkpoint in {cfg.out!r} was written with different settings "
+                             f"({', '.join(f'{k}: {old.get(k)!r} -> {cfg.to_dict().get(k)!r}' for k in diff)}); "
+                             f"use the same settings or a new --out")
+        return ckpt
+    if out.is_dir() and any(out.iterdir()):
+        hint = " or pass --resume to continue it" if ckpt is not None else ""
+        raise ValueError(f"output folder {cfg.out!r} already exists and is not empty; choose a new --out{hint}")
+    return None
+
+
+def personalize(cfg: RunConfig, progress: bool = False,
+                callback: Callable[[dict], None] | None = None) -> RunResult:
+    """Learn the token; see the module docstring for the outputs. Returns the (maybe interrupted) result."""
+    t_setup = time.perf_counter()
+    section, quantize = _validate(cfg)
+    images_dir = Path(cfg.images)
+    paths = list_images(images_dir)
+    captions = None
+    if cfg.captions not in ("auto", "templates"):
+        captions = Path(cfg.captions)
+        load_caption_file(captions, [p.name for p in paths])
+    elif cfg.captions == "auto" and (images_dir / "captions.json").is_file():
+        captions = images_dir / "captions.json"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    from .models.load import pick_device
+    device = torch.device(pick_device(cfg.device))
+    dtype = resolve_dtype(cfg.dtype, device)
+    _, embedded = check_model(cfg.model)
+    defaults = (EMBEDDED_DEFAULTS if embedded else SD_DEFAULTS)[cfg.method]
+    mcls = method_class(cfg.method)
+    mconfig = config_from_dict(mcls.config_class, {**defaults["section"], **section}, cfg.method)
+    steps = cfg.steps or defaults["steps"]
+    guidance = cfg.guidance or (4.0 if embedded else 7.5)
+    ckpt = _prepare_out(cfg)
+    init_vectors = None
+    if cfg.init_embedding:
+        from .export import load_embedding
+        init_vectors = load_embedding(cfg.init_embedding)[1]
+
+    comps = load_components(cfg.model, device, dtype)
+    tokenizer, te, vae, unet, scheduler = (comps[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
+    width = te.get_input_embeddings().weight.shape[1]
+    if unet.config.cross_attention_dim != width:
+        raise ValueError(f"model {cfg.model!r}: text encoder width {width} does not match the UNet's "
+                         f"cross-attention width {unet.config.cross_attention_dim}")
+    check_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = cfg.resolution or unet.config.sample_size * vae_scale
+    if resolution % vae_scale:
+        raise ValueError(f"--resolution {resolution} must be a multiple of {vae_scale} for this model's autoencoder")
+    data = SubjectImages(images_dir, resolution, captions, cfg.learnable_property, cfg.flip_p)
+    # ---- inputs validated: build the frozen model
+    placeholder = add_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
+    for m in (te, vae, unet):
+        m.requires_grad_(False).eval()
+    if quantize is not None:
+        # NOTE(paper): ZOODiP quantizes UNet, VAE and text encoder to int8; its int4 variant (§S3.2) puts
+        # only the UNet at int4, the other two stay as in the main setting (int8).
+        quantize(unet, weights=cfg.weights)
+        quantize(vae, weights="int8")
+        quantize(te, weights="int8")
+    scaling = float(vae.config.scaling_factor)
+    data.encode(vae, scaling, device=device, dtype=dtype)
+    objective = DenoisingObjective(tokenizer, te, unet, scheduler, placeholder, device=device, dtype=dtype)
+    method = mcls(objective, placeholder.init_vectors, mconfig)
+    streams = Streams.from_seed(cfg.seed, device)
+    latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
+    step, losses, seconds, passes = 0, [], 0.0, 0
+    if ckpt is not None:
+        method.load_state_dict(ckpt["method"])
+        streams.load_state_dict(ckpt["streams"])
+        step, losses, seconds, passes = ckpt["step"], list(ckpt["losses"]), ckpt["seconds"], ckpt["forward_passes"]
+    objective.forward_passes = passes
+    setup_seconds = time.perf_counter() - t_setup
+
+    # ---- output folder
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {**cfg.to_dict(), "steps": steps, cfg.method: dataclasses.asdict(mconfig)}
+    atomic_write(out / "config.toml", lambda tmp: Path(tmp).write_text(dump_toml(resolved)))
+    logger.info("personalizing %r (init %r) with %s on %s: %d images, %d steps, %s weights, %s/%s",
+                cfg.token, cfg.init_word, cfg.method, cfg.model, len(data), steps, cfg.weights, device, dtype)
+
+    def grid(at: int) -> None:
+        img = sample_grid(objective, vae, scheduler.config, method.theta, placeholder, cfg.sample_prompts,
+                          cfg.sample_images, cfg.sample_steps, guidance, cfg.seed, latent_shape, scaling)
+        save_png(out / "samples" / f"step_{at:06d}.png", img, upscale=max(1, 256 // resolution))
+
+    def save_state() -> None:
+        save_checkpoint(out / CHECKPOINT, {
+            "step": step, "method": method.state_dict(), "streams": streams.state_dict(), "losses": losses,
+            "seconds": seconds, "forward_passes": objective.forward_passes, "config": cfg.to_dict(),
+            "token": cfg.token, "theta": method.theta.detach().cpu().clone()})
+
+    probe = MemoryProbe(device)
+    probe.reset()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=step, desc=f"{cfg.method} {cfg.token}", dynamic_ncols=True, unit="step")
+    pending: list[torch.Tensor] = []
+    interrupted = False
+    t0 = time.perf_counter()
+    with graceful_interrupt() as stop:
+        while step < steps:
+            if stop:
+                interrupted = True
+                break
+            batch = data.sample(cfg.batch_size, streams.data, placeholder.text)
+            loss = method.step(batch, streams)
+            step += 1
+            pending.append(loss.detach())
+            if len(pending) >= 20 or step == steps or stop:
+                losses.extend(torch.stack(pending).float().cpu().tolist())
+                pending.clear()
+                if bar is not None:
+                    tail = losses[-20:]
+                    bar.set_postfix(loss=f"{sum(tail) / len(tail):.4f}", lr=f"{method.lr:.1e}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback({"step": step, "steps": steps, "loss": loss, "method": method})
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+                seconds_now = seconds + time.perf_counter() - t0
+                seconds, t0 = seconds_now, time.perf_counter()
+                save_state()
+                from .export import save_diffusers
+                save_diffusers(out / "snapshots" / f"step_{step:06d}.safetensors", cfg.token, method.theta)
+            if cfg.sample_every and step % cfg.sample_every == 0 and step < steps:
+                seconds += time.perf_counter() - t0
+                grid(step)
+                t0 = time.perf_counter()
+        if pending:
+            losses.extend(torch.stack(pending).float().cpu().tolist())
+        seconds += time.perf_counter() - t0
+        memory = probe.read()
+        save_state()
+    if bar is not None:
+        bar.close()
+    theta = method.theta.detach().cpu().clone()
+    result = RunResult(theta=theta, placeholder=placeholder, step=step, completed=not interrupted, losses=losses)
+    objective.close()
+    if interrupted:
+        logger.info("interrupted at step %d of %d; checkpoint saved in %s (continue with --resume)", step, steps, out)
+        return result
+
+    # ---- finished: samples, plots, then the files that mark a complete run
+    write_rows(te, placeholder, theta)
+    grid(step)
+    plot_losses(out / "loss.png", losses, f"{cfg.method} {cfg.token} ({cfg.weights})")
+    atomic_json(out / "losses.json", losses)
+    from .export import save_a1111, save_diffusers
+    if cfg.export_a1111:
+        save_a1111(out / "learned_embeds.pt", cfg.token, theta, step)
+    save_diffusers(out, cfg.token, theta)
+    tail = losses[-max(1, len(losses) // 10):]
+    result.summary = {
+        "method": cfg.method, "model": cfg.model, "weights": cfg.weights,
+        "weight_bits": WEIGHTS[cfg.weights] or (16 if dtype in (torch.float16, torch.bfloat16) else 32),
+        "token": cfg.token, "init_word": cfg.init_word, "num_vectors": cfg.num_vectors,
+        "steps": step, "unet_forward_passes": objective.forward_passes,
+        "forward_passes_per_step": objective.forward_passes / max(1, step),
+        "seconds": round(seconds, 3), "seconds_per_step": round(seconds / max(1, step), 5),
+        "setup_seconds": round(setup_seconds, 3),
+        "peak_memory_training": memory, "final_loss": losses[-1] if losses else None,
+        "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None,
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "images": len(data),
+        "resolution": resolution, "seed": cfg.seed, "method_config": dataclasses.asdict(mconfig),
+    }
+    atomic_json(out / "run.json", result.summary)
+    return result
+
+
+def check_types(values: dict, defaults: dict, where: str) -> dict:
+    """Coerce ints to float where a float is expected; refuse any other type change, naming the key."""
+    out = dict(values)
+    for k, v in values.items():
+        ref = defaults.get(k)
+        if ref is None or v is None or isinstance(ref, dict):
+            continue
+        if isinstance(ref, float) and isinstance(v, int) and not isinstance(v, bool):
+            out[k] = float(v)
+        elif isinstance(ref, (list, tuple)) and isinstance(v, (list, tuple)):
+            out[k] = type(ref)(v)
+        elif type(v) is not type(ref):
+            raise ValueError(f"{where}: {k} = {v!r} should be a {type(ref).__name__} (like {ref!r})")
+    return out
+
+
+def build_config(file: str | None = None, overrides: dict | None = None) -> RunConfig:
+    """defaults < TOML file < overrides (the command line); unknown keys fail with the closest name."""
+    d = RunConfig().to_dict()
+    if file:
+        d = merge_config(d, load_toml(file), f"config file {file!r}")
+    if overrides:
+        d = merge_config(d, overrides, "the command line")
+    return RunConfig(**check_types(d, RunConfig().to_dict(), "settings"))
