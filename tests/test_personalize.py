@@ -89,6 +89,47 @@ def test_three_step_cli_run_loads_in_stock_diffusers(tiny_model, photos, tmp_pat
 
 
 @pytest.mark.slow
+def test_multi_vector_token_and_resume_from_the_written_config(tiny_model, photos, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    out = tmp_path / "mv"
+
+    def interrupt(info):
+        os.kill(os.getpid(), signal.SIGINT)
+    personalize(cfg(tiny_model, photos, out, steps=3, num_vectors=2), callback=interrupt)
+    # the resolved config.toml is enough to continue
+    assert main(["personalize", "--config", str(out / "config.toml"), "--resume"]) == 0
+    saved = load_file(str(out / "learned_embeds.safetensors"))
+    assert saved["<my-bag>"].shape == (2, 768)
+    assert json.loads((out / "run.json").read_text())["steps"] == 3
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
+    pipe.load_textual_inversion(str(out))
+    assert pipe.tokenizer.convert_tokens_to_ids("<my-bag>_1") != pipe.tokenizer.unk_token_id
+    assert pipe.maybe_convert_prompt("a <my-bag>", pipe.tokenizer) == "a <my-bag> <my-bag>_1"
+
+
+@pytest.mark.slow
+def test_sd2_width_tokens(photos, tmp_path):
+    """A 1024-wide text encoder (SD-2.x shape) gives a [1, 1024] embedding that stock diffusers loads."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    from quantdream.models import embedded
+    torch.manual_seed(0)
+    c = embedded.build_components()
+    tc = embedded.text_config(c["tokenizer"])
+    tc.hidden_size, tc.num_attention_heads, tc.projection_dim = 1024, 16, 1024
+    c["text_encoder"] = CLIPTextModel(tc)
+    c["unet"] = UNet2DConditionModel(**{**embedded.UNET_CONFIG, "cross_attention_dim": 1024})
+    model = tmp_path / "sd2ish"
+    StableDiffusionPipeline(**c, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(str(model))
+    personalize(cfg(model, photos, tmp_path / "out", steps=2))
+    saved = load_file(str(tmp_path / "out" / "learned_embeds.safetensors"))
+    assert saved["<my-bag>"].shape == (1, 1024)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None)
+    pipe.load_textual_inversion(str(tmp_path / "out"))
+
+
+@pytest.mark.slow
 def test_resume_after_interrupt_matches_an_uninterrupted_run(tiny_model, photos, tmp_path):
     kw = dict(steps=5, zoodip={"tau": 2}, checkpoint_every=2)
     full = personalize(cfg(tiny_model, photos, tmp_path / "full", **kw))

@@ -325,19 +325,22 @@ def _prepare_out(cfg: RunConfig) -> dict | None:
     if cfg.resume:
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {cfg.out!r} to continue from")
-        old = ckpt["config"]
-        diff = [k for k in TRAJECTORY_KEYS if old.get(k) != cfg.to_dict().get(k)]
-        if old.get(cfg.method) != getattr(cfg, cfg.method):
-            diff.append(cfg.method)
-        if diff:
-            raise ValueError(f"--resume: the checkpoint in {cfg.out!r} was written with different settings "
-                             f"({', '.join(f'{k}: {old.get(k)!r} -> {cfg.to_dict().get(k)!r}' for k in diff)}); "
-                             f"use the same settings or a new --out")
         return ckpt
     if out.is_dir() and any(out.iterdir()):
         hint = " or pass --resume to continue it" if ckpt is not None else ""
         raise ValueError(f"output folder {cfg.out!r} already exists and is not empty; choose a new --out{hint}")
     return None
+
+
+def _check_resume(ckpt: dict, resolved: dict, method: str) -> None:
+    """A resumed run must follow the same trajectory: same data, model, token, seed and method settings."""
+    old = ckpt["config"]
+    keys = list(TRAJECTORY_KEYS) + [method]
+    diff = [k for k in keys if old.get(k) != resolved.get(k)]
+    if diff:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
+        raise ValueError(f"--resume: the checkpoint in {resolved['out']!r} was written with different settings "
+                         f"({changes}); use the same settings or a new --out")
 
 
 def personalize(cfg: RunConfig, progress: bool = False,
@@ -399,7 +402,10 @@ def personalize(cfg: RunConfig, progress: bool = False,
     streams = Streams.from_seed(cfg.seed, device)
     latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
     step, losses, seconds, passes = 0, [], 0.0, 0
+    resolved = {**cfg.to_dict(), "steps": steps, "guidance": guidance, "resolution": resolution,
+                cfg.method: dataclasses.asdict(mconfig), "resume": False}
     if ckpt is not None:
+        _check_resume(ckpt, resolved, cfg.method)
         method.load_state_dict(ckpt["method"])
         streams.load_state_dict(ckpt["streams"])
         step, losses, seconds, passes = ckpt["step"], list(ckpt["losses"]), ckpt["seconds"], ckpt["forward_passes"]
@@ -409,7 +415,6 @@ def personalize(cfg: RunConfig, progress: bool = False,
     # ---- output folder
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    resolved = {**cfg.to_dict(), "steps": steps, cfg.method: dataclasses.asdict(mconfig)}
     atomic_write(out / "config.toml", lambda tmp: Path(tmp).write_text(dump_toml(resolved)))
     logger.info("personalizing %r (init %r) with %s on %s: %d images, %d steps, %s weights, %s/%s",
                 cfg.token, cfg.init_word, cfg.method, cfg.model, len(data), steps, cfg.weights, device, dtype)
@@ -422,7 +427,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
     def save_state() -> None:
         save_checkpoint(out / CHECKPOINT, {
             "step": step, "method": method.state_dict(), "streams": streams.state_dict(), "losses": losses,
-            "seconds": seconds, "forward_passes": objective.forward_passes, "config": cfg.to_dict(),
+            "seconds": seconds, "forward_passes": objective.forward_passes, "config": resolved,
             "token": cfg.token, "theta": method.theta.detach().cpu().clone()})
 
     probe = MemoryProbe(device)
@@ -498,6 +503,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
         "peak_memory_training": memory, "final_loss": losses[-1] if losses else None,
         "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "images": len(data),
+        "captions": str(captions) if captions is not None else f"{cfg.learnable_property} templates",
         "resolution": resolution, "seed": cfg.seed, "method_config": dataclasses.asdict(mconfig),
     }
     atomic_json(out / "run.json", result.summary)
