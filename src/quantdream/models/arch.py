@@ -115,7 +115,8 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chan
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                 layers_per_block=1, norm_num_groups=8, sample_size=16)
 TINY_TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=16, projection_dim=32)
+                 max_position_embeddings=16, projection_dim=32, bos_token_id=1,
+                 eos_token_id=2, pad_token_id=0)
 
 
 def tiny_components(seed: int = 0) -> dict[str, nn.Module]:

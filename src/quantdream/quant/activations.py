@@ -79,28 +79,25 @@ class ActQuantizer(nn.Module):
         parts = [self._fake(p, i) for i, p in enumerate(self._parts(x))]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def calibrate(self, search_steps: int = 80, p: float = 2.0) -> None:
-        """MSE (L_p) search: shrink the observed [min, max] by ``1 - i/100``, i < search_steps, and
+    def calibrate(self, search_steps: int = 80, p: float = 2.0, max_samples: int = 1 << 16) -> None:
+        """MSE (L_p) search: shrink the observed [min, max] by ``1 - k/100``, k < search_steps, and
         keep the range with the smallest quantization error on the recorded samples."""
+        q_max = 2 ** self.bits - 1
         for i in range(len(self._samples)):
             if not self._samples[i]:
                 raise RuntimeError("activation quantizer saw no calibration data; was the layer ever called?")
             x = torch.cat(self._samples[i])
+            if x.numel() > max_samples:
+                x = x[torch.randperm(x.numel(), generator=self.generator)[:max_samples]]
             lo0, hi0 = min(self._range[i][0], 0.0), max(self._range[i][1], 0.0)
-            best = (float("inf"), lo0, hi0)
-            q_max = 2 ** self.bits - 1
-            for k in range(search_steps):
-                lo, hi = lo0 * (1 - k / 100), hi0 * (1 - k / 100)
-                s = max(hi - lo, 1e-8) / q_max
-                z = round(-lo / s)
-                x_q = (torch.clamp(torch.round(x / s) + z, 0, q_max) - z) * s
-                err = (x_q - x).abs().pow(p).mean().item()
-                if err < best[0]:
-                    best = (err, lo, hi)
-            _, lo, hi = best
-            s = max(hi - lo, 1e-8) / q_max
-            self.scale[i] = s
-            self.zero[i] = round(-lo / s)
+            shrink = 1 - torch.arange(search_steps, dtype=torch.float64) / 100
+            lo, hi = lo0 * shrink, hi0 * shrink                      # (K,) candidate ranges
+            s = ((hi - lo).clamp_min(1e-8) / q_max).float()[:, None]  # (K, 1)
+            z = torch.round(-lo.float()[:, None] / s)
+            err = ((torch.clamp(torch.round(x[None] / s) + z, 0, q_max) - z) * s - x[None]).abs().pow(p).mean(1)
+            k = int(torch.argmin(err))
+            self.scale[i] = s[k, 0]
+            self.zero[i] = z[k, 0]
             self._samples[i] = []
         self.mode = "quant"
 

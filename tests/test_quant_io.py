@@ -1,0 +1,147 @@
+"""Quantized folders and scale files: round trips, refusals that leave nothing behind, clear errors."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from quantdream.models.arch import tiny_components
+from quantdream.quant import enable_scale_training, load_scales, quantize_model, save_scales
+from quantdream.quant.activations import calibrate_activations
+from quantdream.quant.io import INDEX, load_quantized, save_quantized, write_safetensors
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small ops on a busy 2-core machine are much faster single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_components(seed=0)
+
+
+def _unet_inputs(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"sample": torch.randn(1, 4, 8, 8, generator=g), "timestep": torch.tensor(100 + 300 * i),
+             "encoder_hidden_states": torch.randn(1, 5, 32, generator=g)} for i in range(n)]
+
+
+def _outputs(c):
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        return (c["text_encoder"](ids)[0], c["unet"](**_unet_inputs(1, seed=5)[0]).sample,
+                c["vae"].encode(torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))).latent_dist.mean)
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, weights):
+    c = {k: quantize_model(m, weights, group_size=32) for k, m in tiny_components(seed=1).items()}
+    calibrate_activations(c["unet"], _unet_inputs(2), bits=8)
+    ref = _outputs(c)
+    save_quantized(c, tmp_path / "q", {"weights": weights})
+    loaded = load_quantized(tmp_path / "q")
+    for a, b in zip(ref, _outputs(loaded)):
+        assert torch.equal(a, b)
+    assert all(not p.is_meta for m in loaded.values() for p in m.parameters())
+
+
+def test_files_are_standard_safetensors_and_fp16_floats_shrink(tmp_path, tiny):
+    c = {"text_encoder": quantize_model(tiny_components(seed=2)["text_encoder"], "int8")}
+    save_quantized(c, tmp_path / "a")
+    save_quantized(c, tmp_path / "b", float_dtype="fp16")
+    fa, fb = (tmp_path / p / "text_encoder" / "quantized.safetensors" for p in "ab")
+    assert fb.stat().st_size < fa.stat().st_size
+    with safe_open(str(fb), framework="pt") as f:
+        key = next(k for k in f.keys() if k.endswith("token_embedding.weight"))
+        fc1 = next(k for k in f.keys() if k.endswith("layers.0.mlp.fc1.scale"))[:-len("scale")]
+        assert f.get_tensor(key).dtype == torch.float16
+        assert f.get_tensor(fc1 + "scale").dtype == torch.float32
+        assert f.get_tensor(fc1 + "qweight").dtype == torch.int8
+    te = load_quantized(tmp_path / "b")["text_encoder"]
+    assert te.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_drop_leaves_submodules_unloaded(tmp_path):
+    c = {"vae": quantize_model(tiny_components(seed=3)["vae"], "int8")}
+    save_quantized(c, tmp_path / "q")
+    vae = load_quantized(tmp_path / "q", drop={"vae": ["decoder"]})["vae"]
+    vae.encode(torch.randn(1, 3, 16, 16))
+    with pytest.raises(RuntimeError, match="vae.decoder was not loaded"):
+        vae.decode(torch.randn(1, 4, 8, 8))
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path):
+    with pytest.raises(ValueError, match="stores diffusers or transformers models"):
+        save_quantized({"x": torch.nn.Linear(2, 2)}, tmp_path / "q")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "f").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not empty.*--overwrite"):
+        save_quantized(tiny_components(), tmp_path / "busy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_quantized(tmp_path / "nope")
+    (tmp_path / "odd").mkdir()
+    with pytest.raises(ValueError, match="unknown folder layout"):
+        load_quantized(tmp_path / "odd")
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="float diffusers pipeline, not a quantized folder"):
+        load_quantized(tmp_path / "pipe")
+    c = {"text_encoder": quantize_model(tiny_components()["text_encoder"], "int4", group_size=32)}
+    save_quantized(c, tmp_path / "q")
+    index = json.loads((tmp_path / "q" / INDEX).read_text())
+    with pytest.raises(ValueError, match="has no component"):
+        load_quantized(tmp_path / "q", ["unet"])
+    (tmp_path / "q" / INDEX).write_text(json.dumps({**index, "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99.*reads version 1"):
+        load_quantized(tmp_path / "q")
+    layers = index["components"]["text_encoder"]["layers"]
+    layers[next(iter(layers))]["bits"] = 3
+    (tmp_path / "q" / INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="3-bit weights are not supported"):
+        load_quantized(tmp_path / "q")
+
+
+def test_load_refuses_a_weights_file_that_does_not_match(tmp_path):
+    c = {"text_encoder": quantize_model(tiny_components()["text_encoder"], "int8")}
+    save_quantized(c, tmp_path / "q")
+    w = tmp_path / "q" / "text_encoder" / "quantized.safetensors"
+    write_safetensors(w, [("final_layer_norm.weight", torch.ones(32))])
+    with pytest.raises(ValueError, match="does not match its CLIPTextModel config: .* tensors missing"):
+        load_quantized(tmp_path / "q")
+    w.write_bytes(b"\x05\x00")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_quantized(tmp_path / "q")
+
+
+def test_scales_round_trip_and_refused_load_leaves_model_unchanged(tmp_path):
+    unet = quantize_model(tiny_components(seed=4)["unet"], "int8")
+    enable_scale_training(unet, "out_in", num_experts=2)
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.mul_(1.1)
+    path = save_scales(unet, tmp_path / "scales.safetensors")
+    x = _unet_inputs(1)[0]
+    with torch.no_grad():
+        ref = unet(**x).sample
+    fresh = quantize_model(tiny_components(seed=4)["unet"], "int8")
+    load_scales(fresh, path)  # enables scale training with the file's settings
+    with torch.no_grad():
+        assert torch.equal(fresh(**x).sample, ref)
+    other = quantize_model(tiny_components(seed=4)["unet"], "int8")
+    enable_scale_training(other, "out", num_experts=2)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="holds mode=out_in, num_experts=2"):
+        load_scales(other, path)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_scales(other, tmp_path / "none.safetensors")
