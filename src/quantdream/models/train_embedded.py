@@ -54,6 +54,19 @@ def lr_at(step: int, base: float, total: int, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def adjust_threads(run: Path) -> None:
+    """Let the operator change the thread count of a running job: write a number to RUN/threads
+    (useful when other jobs share the CPU: oversubscribed threads slow torch down several-fold)."""
+    f = run / "threads"
+    if f.is_file():
+        try:
+            n = int(f.read_text().strip())
+        except ValueError:
+            return
+        if n > 0 and n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
+
 def save_grid(path: Path, rows: list[torch.Tensor]) -> None:
     """rows: list of (N, 3, H, W) in [-1, 1] -> one PNG, one row per tensor."""
     g = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
@@ -103,6 +116,8 @@ def train_vae(a) -> None:
         while step < a.steps and not stop:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, a.lr, a.steps, 200)
+            if step % 10 == 0:
+                adjust_threads(run)
             x, m, _ = data(step, a.batch)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss, rec = vae_loss(vae, x, m, a.kl_weight)
@@ -205,6 +220,8 @@ def train_unet(a) -> None:
             lr = lr_at(step, a.lr, a.steps, 500)
             for g in opt.param_groups:
                 g["lr"] = lr
+            if step % 10 == 0:
+                adjust_threads(run)
             x, _, caps = data(step, a.batch, captions=True)
             caps = [c if np.random.default_rng([a.seed, step, i]).random() >= 0.1 else "" for i, c in enumerate(caps)]
             with torch.no_grad():
