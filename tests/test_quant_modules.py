@@ -212,3 +212,14 @@ def test_no_grad_forward_and_bf16_compute():
         y16 = model.to(torch.bfloat16)(x.bfloat16())
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y, rtol=0.05, atol=0.05)
+
+
+def test_casting_the_model_keeps_scales_float32():
+    model = quantize_model(_toy(), "int4", group_size=32)
+    enable_scale_training(model, "out_in")
+    model.to(torch.bfloat16)
+    for _, layer in quantized_layers(model):
+        assert layer.scale.dtype == layer.zero.dtype == layer.s_out[0].dtype == layer.s_in[0].dtype == torch.float32
+        assert layer.bias.dtype == torch.bfloat16
+    model(torch.randn(1, 3, 5, 5, dtype=torch.bfloat16)).float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in scale_parameters(model))

@@ -83,6 +83,24 @@ class QuantizedLayer(nn.Module):
         if module.bias is not None:  # shares the float bias's storage: no copy
             self.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` / ``.half()`` move scales and zero-points but keep them float32 (a bf16
+        model computes in bf16; its quantizer metadata and trainable scales stay exact)."""
+        keep = {k: self._buffers[k] for k in ("scale", "zero") if self._buffers.get(k) is not None}
+        lists = {k: self._modules.pop(k) for k in ("s_out", "s_in") if self._modules.get(k) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules.update(lists)
+        device = self.qweight.device
+        for k, old in keep.items():
+            self._buffers[k] = old.to(device)
+        for plist in lists.values():
+            for p in plist:
+                if p.device != device:
+                    p.data = p.data.to(device)
+        return self
+
     # -- the weight ---------------------------------------------------------------------------
     @property
     def n(self) -> int:
