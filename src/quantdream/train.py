@@ -47,8 +47,10 @@ CHECKPOINT = "checkpoint.pt"
 TRAJECTORY_KEYS = ("images", "token", "init_word", "model", "method", "weights", "seed", "batch_size",
                    "num_vectors", "learnable_property", "captions", "flip_p", "resolution", "dtype")
 
-# PROVISIONAL: the embedded model is still being trained; these were chosen on a random-weight model
-# for cost (a few minutes on 2 CPU cores) and must be re-tuned on the trained model.
+# PROVISIONAL: the embedded model was still being trained when these were set. They were chosen for cost
+# on a random-weight model of the same architecture: a ZOODiP step (3 UNet passes) took 0.13-0.18 s on one
+# contended CPU thread, so 1,500 steps fit the 5-minute budget on 2 cores. Re-tune steps and lr on the
+# trained model (a held-out loss at fixed noise is the cheap signal; world CLIP-I the real one).
 EMBEDDED_DEFAULTS = {
     "zoodip": {"steps": 1500, "section": {"lr": 1e-2}},   # PROVISIONAL
     "ti": {"steps": 400, "section": {"lr": 5e-3}},         # PROVISIONAL

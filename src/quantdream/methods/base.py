@@ -102,7 +102,10 @@ def add_placeholder(tokenizer, text_encoder, token: str, init_word: str, num_vec
     tokens = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    try:  # the new rows are overwritten below; skip transformers' mean/covariance initialisation
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    except TypeError:
+        text_encoder.resize_token_embeddings(len(tokenizer))
     table = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         if init_vectors is None:
