@@ -13,3 +13,14 @@ def has_fmnist() -> bool:
 
 
 needs_fmnist = pytest.mark.skipif(not has_fmnist(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is as fast, deterministic, and immune to oversubscription when the
+    machine is shared (several threads on a busy core made some tests 200x slower)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -146,10 +146,27 @@ def train_vae(a) -> None:
 def load_trained_vae(run: Path):
     vae = build_components()["vae"]
     ck = load_checkpoint(run / "vae.ckpt")
-    if ck is None:
+    if ck is not None:
+        vae.load_state_dict(ck["model"])
+    elif (PACKAGE_MODEL_DIR / "vae").is_dir():  # a new sitting: the autoencoder ships in the package
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(str(PACKAGE_MODEL_DIR / "vae"), torch_dtype=torch.float32)
+    else:
         raise FileNotFoundError(f"{run / 'vae.ckpt'} not found: train the autoencoder first (stage `vae`)")
-    vae.load_state_dict(ck["model"])
     return vae.eval().requires_grad_(False)
+
+
+def load_package_state(unet, te) -> tuple[dict, int, float]:
+    """Resume in a new sitting from the committed package (its EMA weights, fp16 on disk; Adam restarts
+    with a short warm-up). Returns (ema, step, scaling)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+    info = json.loads((PACKAGE_MODEL_DIR / "training.json").read_text())
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(PACKAGE_MODEL_DIR / "unet")).float().state_dict())
+    te.load_state_dict(CLIPTextModel.from_pretrained(str(PACKAGE_MODEL_DIR / "text_encoder")).float().state_dict())
+    ema = {k: v.detach().clone() for k, v in list(unet.state_dict(prefix="unet.").items())
+           + list(te.state_dict(prefix="te.").items())}
+    return ema, int(info["unet_steps"]), float(info["scaling_factor"])
 
 
 @torch.no_grad()
@@ -183,13 +200,19 @@ def train_unet(a) -> None:
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
     step = 0
     ema = None
+    warm_from = 0
     if (ck := load_checkpoint(ckpt_path)) is not None:
+        warm_from = ck.get("warm_from", 0)
         unet.load_state_dict(ck["unet"])
         te.load_state_dict(ck["text_encoder"])
         opt.load_state_dict(ck["opt"])
         ema = ck["ema"]
         step, scaling = ck["step"], ck["scaling"]
         print(f"resuming text encoder + UNet at step {step}")
+    elif a.from_package:
+        ema, step, scaling = load_package_state(unet, te)
+        warm_from = step
+        print(f"resuming text encoder + UNet from the packaged weights at step {step} (fresh optimizer)")
     else:
         with torch.no_grad():  # SD's scaling factor: 1 / std of the latents
             z = torch.cat([vae.encode(data(10**9 + i, 64)[0]).latent_dist.mode() for i in range(4)])
@@ -207,7 +230,8 @@ def train_unet(a) -> None:
 
     def save():
         save_checkpoint(ckpt_path, {"unet": unet.state_dict(), "text_encoder": te.state_dict(), "opt": opt.state_dict(),
-                                    "ema": ema, "step": step, "scaling": scaling, "args": vars(a)})
+                                    "ema": ema, "step": step, "scaling": scaling, "args": vars(a),
+                                    "warm_from": warm_from})
 
     def ema_models():
         u, t = copy.deepcopy(unet), copy.deepcopy(te)
@@ -218,6 +242,8 @@ def train_unet(a) -> None:
     with graceful_interrupt() as stop:
         while step < a.steps and not stop:
             lr = lr_at(step, a.lr, a.steps, 500)
+            if step - warm_from < 200 and warm_from > 0:  # re-warm a fresh optimizer after a package resume
+                lr *= (step - warm_from + 1) / 200
             for g in opt.param_groups:
                 g["lr"] = lr
             if step % 10 == 0:
@@ -298,6 +324,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet/text-encoder weights")
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from-package", action="store_true",
+                    help="unet: with no checkpoint in --run, resume from the weights committed in the package")
     ap.add_argument("--out", default=str(PACKAGE_MODEL_DIR), help="export: diffusers folder to write")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
