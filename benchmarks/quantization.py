@@ -79,12 +79,19 @@ def storage(work: Path) -> dict:
 
 
 # -- resident memory (child process) ---------------------------------------------------------------------
-def memory_child(folder: str, res: int, dtype: str) -> None:
+def memory_child(folder: str, res: int, dtype: str, opts: str = "") -> None:
     torch.set_num_threads(1)
-    from quantdream.memory import peak, proc_status
+    from quantdream.memory import peak, proc_status, return_freed_memory_eagerly
+    import quantdream.quant.modules as qmod
     from quantdream.quant.io import load_quantized
+    if "eager" in opts:
+        return_freed_memory_eagerly()
+    if "chunk2m" in opts:
+        qmod.CHUNK_ELEMENTS = 1 << 21
     t0 = time.perf_counter()
     m = load_quantized(folder, ["unet", "text_encoder", "vae"], drop={"vae": ["decoder", "post_quant_conv"]})
+    if "te_bf16" in opts:
+        m["text_encoder"].to(torch.bfloat16)
     after_load = proc_status()
     load_s = time.perf_counter() - t0
     unet, te = m["unet"], m["text_encoder"]
@@ -100,7 +107,7 @@ def memory_child(folder: str, res: int, dtype: str) -> None:
     p = peak()
     print(json.dumps({"vmhwm_mib": round(p["vmhwm_mib"], 1), "after_load": {k: round(v, 1) for k, v in after_load.items()},
                       "after_forward": {k: round(p[k], 1) for k in ("vmrss_mib", "rss_anon_mib", "rss_file_mib")},
-                      "load_s": round(load_s, 2), "forward_s": round(fwd_s, 2), "compute_dtype": dtype}))
+                      "load_s": round(load_s, 2), "forward_s": round(fwd_s, 2), "compute_dtype": dtype, "opts": opts}))
 
 
 def memory(work: Path, res: int) -> dict:
@@ -116,6 +123,14 @@ def memory(work: Path, res: int) -> dict:
             row = json.loads(r.stdout.strip().splitlines()[-1])
             row["vmhwm_gib"] = round(row["vmhwm_mib"] * MIB / GIB, 3)
             out[f"{weights}_{dtype}"] = row
+        # lowest-memory configuration: eager heap return, 2M-element chunks, text encoder in bf16
+        cmd = [sys.executable, __file__, "--_memory-child", str(folder), "--res", str(res), "--_dtype", "bf16",
+               "--_opts", "eager,chunk2m,te_bf16"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode == 0:
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+            row["vmhwm_gib"] = round(row["vmhwm_mib"] * MIB / GIB, 3)
+            out[f"{weights}_bf16_lowmem"] = row
     base = subprocess.run([sys.executable, "-c", "import torch, diffusers, transformers, json; "
                            "from diffusers import UNet2DConditionModel, AutoencoderKL; "
                            "from transformers import CLIPTextModel; from quantdream.memory import peak; "
@@ -235,7 +250,7 @@ def check_bars(r: dict) -> dict:
             bars[key] = {"value": val, "bar": BARS[key], "met": val <= BARS[key]}
     if "memory" in r:
         for w in ("int8", "int4"):
-            best = min(r["memory"][f"{w}_fp32"]["vmhwm_gib"], r["memory"][f"{w}_bf16"]["vmhwm_gib"])
+            best = min(r["memory"][k]["vmhwm_gib"] for k in r["memory"] if k.startswith(w + "_"))
             fp32 = r["memory"][f"{w}_fp32"]["vmhwm_gib"]
             bars[f"mem_{w}_gib"] = {"value_fp32_compute": fp32, "value_bf16_compute": r["memory"][f"{w}_bf16"]["vmhwm_gib"],
                                     "bar": BARS[f"mem_{w}_gib"], "met_fp32": fp32 <= BARS[f"mem_{w}_gib"],
@@ -254,9 +269,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/quantdream-bench", help="where the SD-1.5 quantized folders go")
     ap.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     ap.add_argument("--_dtype", dest="dtype", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--_opts", dest="opts", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.memory_child:
-        memory_child(a.memory_child, a.res, a.dtype)
+        memory_child(a.memory_child, a.res, a.dtype, a.opts)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("diffusers").setLevel(logging.ERROR)

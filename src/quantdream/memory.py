@@ -100,3 +100,17 @@ def measure():
         yield m
     finally:
         m.peak = peak()
+
+
+def return_freed_memory_eagerly(threshold_mib: float = 4.0) -> bool:
+    """Ask glibc to serve every allocation above ``threshold_mib`` with its own mmap (and to trim
+    the heap above the same size), so freed activations go back to the OS at once instead of
+    staying in the heap. Lowers the resident peak of large-tensor workloads on CPU at the cost of
+    page faults; process-wide, call it once at start-up. False where not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    n = int(threshold_mib * MIB)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, n)) and bool(libc.mallopt(M_TRIM_THRESHOLD, n))
