@@ -1,0 +1,79 @@
+"""`quantdream bench`: measurements, each configuration in a fresh subprocess."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  quantdream bench memory --arch tiny --methods zoodip,ti --steps 2 --out bench/tiny
+  quantdream bench memory --arch sd15 --methods zoodip,ti --resolution 512 --steps 3 --threads 2 --out bench/sd15
+
+Random weights (nothing is downloaded); each method runs its real training code for --steps steps.
+Training VmHWM: the process high-water mark over the steps only (after setup, gc and malloc_trim), RssAnon
+and RssFile apart; whole-process: the maximum over setup and training; CUDA: max allocated / reserved.
+Writes OUT/memory.json and OUT/memory.md.
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="benchmarks: training memory of each method (bench memory)",
+                              description="Benchmarks that run each configuration in a fresh subprocess.")
+    sub = p.add_subparsers(dest="bench", metavar="BENCH")
+    m = sub.add_parser("memory", help="peak training memory, storage, s/step, UNet passes/step per method",
+                       description="Peak memory of a few real training steps of each method on an architecture "
+                                   "with random weights, one fresh subprocess per method.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = m.add_argument
+    a("--arch", default="tiny", help="tiny (the embedded model's architecture), sd15, sd21 or sdxl (default tiny)")
+    a("--methods", default="zoodip,ti", help="comma-separated methods (default zoodip,ti); methods not in this "
+                                             "build get a 'not implemented' row")
+    a("--resolution", type=int, default=0, help="image size in px (default: native, 64 tiny / 512 sd15 / 768 sd21)")
+    a("--steps", type=int, default=3, help="training steps measured after setup (default 3)")
+    a("--weights", choices=["int8", "int4", "none"], default=None,
+      help="weight quantization of the frozen model for every method (default: as each method runs: "
+           "zoodip int8, ti none)")
+    a("--images", type=int, default=2, help="random reference images (default 2)")
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=0, help="torch CPU threads in each subprocess (default: torch's choice)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--timeout", type=float, default=0, help="seconds per method before giving up (default: none)")
+    a("--out", required=True, help="folder for memory.json and memory.md")
+    p.set_defaults(_parser=p)
+    return p
+
+
+def run(args) -> int:
+    if getattr(args, "bench", None) != "memory":
+        args._parser.print_help()
+        return 2
+    from ..bench.memory import ARCHS, BenchSpec, bench_memory, check_spec, memory_markdown
+    if args.arch not in ARCHS:
+        raise ValueError(f"--arch {args.arch!r} is not one of {', '.join(ARCHS)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError("--methods is empty; give e.g. zoodip,ti")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {args.out!r} is a file; give a folder")
+    specs = [BenchSpec(arch=args.arch, method=m, resolution=args.resolution, steps=args.steps,
+                       weights=args.weights or "", images=args.images, seed=args.seed, threads=args.threads,
+                       device=args.device) for m in methods]
+    for s in specs:
+        check_spec(s)
+
+    def show(row: dict) -> None:
+        if row["status"] == "ok":
+            print(f"{row['method']} ({row['weights']}): training peak {row['training_peak']['vmhwm_mib']:.0f} MiB, "
+                  f"whole process {row['whole_process_peak_mib']:.0f} MiB, {row['seconds_per_step']:.3g} s/step",
+                  file=sys.stderr)
+        else:
+            print(f"{row['method']}: {row['status']} ({row.get('note', '')})", file=sys.stderr)
+
+    result = bench_memory(specs, timeout=args.timeout or None, callback=show)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "memory.md").write_text(memory_markdown(result))
+    print(f"wrote {out / 'memory.json'} and {out / 'memory.md'}")
+    return 0 if all(r["status"] != "failed" for r in result["rows"]) else 1
