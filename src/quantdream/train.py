@@ -11,8 +11,11 @@ Output folder:
     checkpoint.pt                token, optimizer state, SG buffer and projector, RNG states (atomic)
     snapshots/step_NNNNNN.safetensors    the token at every checkpoint
     samples/step_NNNNNN.png      fixed-seed sample grids (rows: prompts)
-    learned_embeds.safetensors   the result, diffusers format (written last, with run.json)
+    learned_embeds.safetensors   the result of a token method, diffusers format (written last, with run.json)
     learned_embeds.pt            A1111 format (``export_a1111 = true``)
+    unet/ | pytorch_lora_weights.safetensors | scales.safetensors, adapter.json
+                                 the result of a weight method (dreambooth | lora, qlora | peqa, tuneqdm*)
+    class_images/                DreamBooth prior-preservation images (generated once, reused on resume)
     loss.png, losses.json, run.json
 
 The library does not print: progress goes to a tqdm bar when ``progress=True`` and to ``callback``.
@@ -34,13 +37,14 @@ import torch
 
 from .checkpoint import atomic_json, atomic_write, graceful_interrupt, load_checkpoint, save_checkpoint
 from .data.dataset import SubjectImages, list_images, load_caption_file
-from .methods import METHODS, method_class
+from .methods import METHODS, method_class, section_name
 from .methods.base import (DenoisingObjective, Placeholder, RunResult, Streams, add_placeholder,
-                           check_placeholder, config_from_dict, preview_generator, write_rows)
+                           check_placeholder, config_from_dict, identifier_placeholder, preview_generator,
+                           write_rows)
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS = {"none": None, "int8": 8, "int4": 4}
+WEIGHTS = {"none": None, "int8": 8, "int4": 4, "nf4": 4}   # nf4: qlora's bitsandbytes Linear base
 CHECKPOINT = "checkpoint.pt"
 
 # Settings that change the training trajectory: a resumed run must match them.
@@ -54,25 +58,45 @@ TRAJECTORY_KEYS = ("images", "token", "init_word", "model", "method", "weights",
 EMBEDDED_DEFAULTS = {
     "zoodip": {"steps": 1500, "section": {"lr": 1e-2}},   # PROVISIONAL
     "ti": {"steps": 400, "section": {"lr": 5e-3}},         # PROVISIONAL
+    # PROVISIONAL (methods.py of issue 5): the papers' SD step counts and learning rates, untuned on the
+    # embedded model. GF-TI gets ZOODiP's forward-pass budget: 1,500 steps x 3 passes = 225 generations x 20.
+    "gf-ti": {"steps": 225, "section": {}},
+    "dreambooth": {"steps": 400, "section": {}},
+    "lora": {"steps": 500, "section": {}},
+    "qlora": {"steps": 500, "section": {}},
+    "peqa": {"steps": 400, "section": {}},
+    "tuneqdm": {"steps": 400, "section": {}},
+    "tuneqdm-s1": {"steps": 400, "section": {}},
+    "tuneqdm-s2": {"steps": 400, "section": {}},
 }
 # Stable Diffusion (a local diffusers folder): the paper's settings (methods.md 1.9, §S1.5).
 SD_DEFAULTS = {
     "zoodip": {"steps": 30000, "section": {}},
     "ti": {"steps": 5000, "section": {}},
+    "gf-ti": {"steps": 13000, "section": {}},      # ZOODiP §S1.5: L = 13,000 (293 min at 0.74 it/s)
+    "dreambooth": {"steps": 400, "section": {}},   # §S1.5, lr 5e-6
+    "lora": {"steps": 500, "section": {}},         # §S1.5 QLoRA row, r=2, lr 1e-4
+    "qlora": {"steps": 500, "section": {}},
+    "peqa": {"steps": 400, "section": {}},         # §S1.5, lr 3e-6
+    "tuneqdm": {"steps": 400, "section": {}},
+    "tuneqdm-s1": {"steps": 400, "section": {}},
+    "tuneqdm-s2": {"steps": 400, "section": {}},
 }
 
 
 @dataclass
 class RunConfig:
-    """Everything a run needs. Method settings live in the ``zoodip`` / ``ti`` tables."""
+    """Everything a run needs. Method settings live in one table per method (``zoodip``, ``ti``,
+    ``gf_ti``, ``dreambooth``, ``lora``, ``qlora``, ``peqa``, ``tuneqdm``, ``tuneqdm_s1``, ``tuneqdm_s2``)."""
 
     images: str = ""                  # folder of 3-6 photos of the subject
-    token: str = ""                   # the new token, e.g. "<my-bag>"
-    init_word: str = ""               # one-token class word that initialises it, e.g. "bag"
+    token: str = ""                   # the new token, e.g. "<my-bag>" (weight methods: the identifier, default "sks")
+    init_word: str = ""               # one-token class word that initialises it, e.g. "bag" (weight methods: the class)
     out: str = ""                     # output folder (must be new or empty, unless resume)
     model: str = "tiny"               # "tiny" (the embedded model) or a local diffusers folder
-    method: str = "zoodip"            # zoodip | ti
-    weights: str = "int8"             # int8 | int4 | none: weight quantization of UNet, VAE, text encoder
+    method: str = "zoodip"            # one of quantdream.methods.METHODS
+    weights: str = "auto"             # auto (the method's default) | int8 | int4 | none | nf4 (qlora)
+    acts: int = 0                     # 8: Q-Diffusion-style calibrated activations on the quantized UNet (W8A8/W4A8)
     steps: int = 0                    # 0: the method's default for the model
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda
@@ -96,6 +120,14 @@ class RunConfig:
     resume: bool = False
     zoodip: dict = field(default_factory=dict)
     ti: dict = field(default_factory=dict)
+    gf_ti: dict = field(default_factory=dict)
+    dreambooth: dict = field(default_factory=dict)
+    lora: dict = field(default_factory=dict)
+    qlora: dict = field(default_factory=dict)
+    peqa: dict = field(default_factory=dict)
+    tuneqdm: dict = field(default_factory=dict)
+    tuneqdm_s1: dict = field(default_factory=dict)
+    tuneqdm_s2: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -298,14 +330,28 @@ def plot_losses(path: Path, losses: list[float], title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-def _validate(cfg: RunConfig) -> tuple[dict, Any]:
+def resolve_weights(cfg: RunConfig, mcls) -> str:
+    """--weights auto -> the method's default; refuse a bit width the method does not train on."""
+    weights = mcls.default_weights if cfg.weights == "auto" else cfg.weights
+    if weights not in mcls.weight_choices:
+        raise ValueError(f"--weights {weights} does not apply to --method {cfg.method}; choose "
+                         f"{' or '.join(mcls.weight_choices)} (or auto)")
+    return weights
+
+
+def _validate(cfg: RunConfig) -> tuple[dict, str]:
     """Settings that need no model: method, bit width, numbers, the method's own table."""
-    for name in ("images", "token", "init_word", "out"):
-        if not getattr(cfg, name):
-            raise ValueError(f"missing --{name.replace('_', '-')} (or `{name} = ...` in the config file)")
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    quantize = quantizer(cfg.weights)
+    mcls = method_class(cfg.method)
+    for name in ("images", "init_word", "out") + (("token",) if mcls.kind == "token" else ()):
+        if not getattr(cfg, name):
+            raise ValueError(f"missing --{name.replace('_', '-')} (or `{name} = ...` in the config file)")
+    weights = resolve_weights(cfg, mcls)
+    quantizer(weights if weights != "nf4" else "int4")
+    if cfg.acts and not (2 <= cfg.acts <= 16 and weights in ("int8", "int4")):
+        raise ValueError(f"--acts {cfg.acts}: calibrated activations need 2..16 bits and a quantdream-quantized "
+                         f"UNet (--weights int8 or int4), got --weights {weights}")
     for name in ("steps", "resolution", "checkpoint_every", "sample_every", "threads"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
@@ -315,7 +361,7 @@ def _validate(cfg: RunConfig) -> tuple[dict, Any]:
     for p in cfg.sample_prompts:
         if "{}" not in p:
             raise ValueError(f"sample prompt {p!r} needs '{{}}' where the token goes")
-    return getattr(cfg, cfg.method), quantize
+    return getattr(cfg, section_name(cfg.method)), weights
 
 
 def _prepare_out(cfg: RunConfig) -> dict | None:
@@ -337,7 +383,7 @@ def _prepare_out(cfg: RunConfig) -> dict | None:
 def _check_resume(ckpt: dict, resolved: dict, method: str) -> None:
     """A resumed run must follow the same trajectory: same data, model, token, seed and method settings."""
     old = ckpt["config"]
-    keys = list(TRAJECTORY_KEYS) + [method]
+    keys = list(TRAJECTORY_KEYS) + [section_name(method), "acts"]
     diff = [k for k in keys if old.get(k) != resolved.get(k)]
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
@@ -349,7 +395,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
                 callback: Callable[[dict], None] | None = None) -> RunResult:
     """Learn the token; see the module docstring for the outputs. Returns the (maybe interrupted) result."""
     t_setup = time.perf_counter()
-    section, quantize = _validate(cfg)
+    section, weights = _validate(cfg)
     images_dir = Path(cfg.images)
     paths = list_images(images_dir)
     captions = None
@@ -366,7 +412,8 @@ def personalize(cfg: RunConfig, progress: bool = False,
     _, embedded = check_model(cfg.model)
     defaults = (EMBEDDED_DEFAULTS if embedded else SD_DEFAULTS)[cfg.method]
     mcls = method_class(cfg.method)
-    mconfig = config_from_dict(mcls.config_class, {**defaults["section"], **section}, cfg.method)
+    mconfig = config_from_dict(mcls.config_class, {**defaults["section"], **section}, section_name(cfg.method))
+    token = cfg.token or "sks"        # weight methods: DreamBooth's rare identifier
     steps = cfg.steps or defaults["steps"]
     guidance = cfg.guidance or (4.0 if embedded else 7.5)
     ckpt = _prepare_out(cfg)
@@ -381,22 +428,38 @@ def personalize(cfg: RunConfig, progress: bool = False,
     if unet.config.cross_attention_dim != width:
         raise ValueError(f"model {cfg.model!r}: text encoder width {width} does not match the UNet's "
                          f"cross-attention width {unet.config.cross_attention_dim}")
-    check_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
+    if mcls.kind == "token":
+        check_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or unet.config.sample_size * vae_scale
     if resolution % vae_scale:
         raise ValueError(f"--resolution {resolution} must be a multiple of {vae_scale} for this model's autoencoder")
-    data = SubjectImages(images_dir, resolution, captions, cfg.learnable_property, cfg.flip_p)
+    def make_data(folder, templates=None) -> SubjectImages:
+        d = SubjectImages(folder, resolution, None if templates else captions, cfg.learnable_property, cfg.flip_p)
+        if templates or (mcls.kind == "weights" and captions is None):
+            d.templates = list(templates or [mcls.instance_prompt])   # DreamBooth: "a photo of sks <class>"
+        return d
+
+    data = make_data(images_dir)
     # ---- inputs validated: build the frozen model
-    placeholder = add_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
+    if mcls.kind == "token":
+        placeholder = add_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
+    else:
+        placeholder = identifier_placeholder(token, cfg.init_word, width)
     for m in (te, vae, unet):
         m.requires_grad_(False).eval()
-    if quantize is not None:
-        # NOTE(paper): ZOODiP quantizes UNet, VAE and text encoder to int8; its int4 variant (§S3.2) puts
-        # only the UNet at int4, the other two stay as in the main setting (int8).
-        quantize(unet, weights=cfg.weights)
-        quantize(vae, weights="int8")
-        quantize(te, weights="int8")
+    calib = None
+    if cfg.acts:  # Q-Diffusion: calibration inputs come from the float model's own sampling runs
+        from .quant import collect_unet_inputs
+        calib = collect_unet_inputs(unet, te, tokenizer, _ddim(scheduler.config),
+                                    [p.format(cfg.init_word) for p in cfg.sample_prompts],
+                                    num_inference_steps=25, guidance_scale=guidance, vae_scale_factor=vae_scale,
+                                    seed=cfg.seed)
+    mcls.prepare_model(te, vae, unet, weights, mconfig)
+    if calib is not None:
+        from .quant import calibrate_activations
+        calibrate_activations(unet, calib, bits=cfg.acts)
+        del calib
     scaling = float(vae.config.scaling_factor)
     data.encode(vae, scaling, device=device, dtype=dtype)
     objective = DenoisingObjective(tokenizer, te, unet, scheduler, placeholder, device=device, dtype=dtype)
@@ -404,14 +467,11 @@ def personalize(cfg: RunConfig, progress: bool = False,
     streams = Streams.from_seed(cfg.seed, device)
     latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
     step, losses, seconds, passes = 0, [], 0.0, 0
-    resolved = {**cfg.to_dict(), "steps": steps, "guidance": guidance, "resolution": resolution,
-                cfg.method: dataclasses.asdict(mconfig), "resume": False}
+    resolved = {**cfg.to_dict(), "steps": steps, "guidance": guidance, "resolution": resolution, "weights": weights,
+                "token": cfg.token or (token if mcls.kind == "weights" else ""),
+                section_name(cfg.method): dataclasses.asdict(mconfig), "resume": False}
     if ckpt is not None:
         _check_resume(ckpt, resolved, cfg.method)
-        method.load_state_dict(ckpt["method"])
-        streams.load_state_dict(ckpt["streams"])
-        step, losses, seconds, passes = ckpt["step"], list(ckpt["losses"]), ckpt["seconds"], ckpt["forward_passes"]
-    objective.forward_passes = passes
     setup_seconds = time.perf_counter() - t_setup
 
     # ---- output folder
@@ -419,7 +479,20 @@ def personalize(cfg: RunConfig, progress: bool = False,
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.toml", lambda tmp: Path(tmp).write_text(dump_toml(resolved)))
     logger.info("personalizing %r (init %r) with %s on %s: %d images, %d steps, %s weights, %s/%s",
-                cfg.token, cfg.init_word, cfg.method, cfg.model, len(data), steps, cfg.weights, device, dtype)
+                placeholder.text, cfg.init_word, cfg.method, cfg.model, len(data), steps, weights, device, dtype)
+    t_method_setup = time.perf_counter()
+    method.setup(RunContext(out=out, placeholder=placeholder, class_word=cfg.init_word, data=data,
+                            make_data=lambda folder, templates: _encoded(make_data(folder, templates), vae, scaling,
+                                                                         device, dtype),
+                            tokenizer=tokenizer, text_encoder=te, vae=vae, unet=unet,
+                            scheduler_config=scheduler.config, guidance=guidance, seed=cfg.seed, embedded=embedded,
+                            batch_size=cfg.batch_size, init_vectors_given=init_vectors is not None))
+    method_setup_seconds = time.perf_counter() - t_method_setup
+    if ckpt is not None:
+        method.load_state_dict(ckpt["method"])
+        streams.load_state_dict(ckpt["streams"])
+        step, losses, seconds, passes = ckpt["step"], list(ckpt["losses"]), ckpt["seconds"], ckpt["forward_passes"]
+    objective.forward_passes = passes
 
     def grid(at: int) -> None:
         img = sample_grid(objective, vae, scheduler.config, method.theta, placeholder, cfg.sample_prompts,
@@ -464,8 +537,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
                 seconds_now = seconds + time.perf_counter() - t0
                 seconds, t0 = seconds_now, time.perf_counter()
                 save_state()
-                from .export import save_diffusers
-                save_diffusers(out / "snapshots" / f"step_{step:06d}.safetensors", cfg.token, method.theta)
+                method.snapshot(out / "snapshots", step, cfg.token)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < steps:
                 seconds += time.perf_counter() - t0
                 grid(step)
@@ -487,29 +559,66 @@ def personalize(cfg: RunConfig, progress: bool = False,
     # ---- finished: samples, plots, then the files that mark a complete run
     write_rows(te, placeholder, theta)
     grid(step)
-    plot_losses(out / "loss.png", losses, f"{cfg.method} {cfg.token} ({cfg.weights})")
+    plot_losses(out / "loss.png", losses, f"{cfg.method} {placeholder.text} ({weights})")
     atomic_json(out / "losses.json", losses)
-    from .export import save_a1111, save_diffusers
-    if cfg.export_a1111:
-        save_a1111(out / "learned_embeds.pt", cfg.token, theta, step)
-    save_diffusers(out, cfg.token, theta)
+    files = method.export(out, cfg.token, step, cfg.export_a1111)
     tail = losses[-max(1, len(losses) // 10):]
     result.summary = {
-        "method": cfg.method, "model": cfg.model, "weights": cfg.weights,
-        "weight_bits": WEIGHTS[cfg.weights] or (16 if dtype in (torch.float16, torch.bfloat16) else 32),
+        "method": cfg.method, "model": cfg.model, "weights": weights, "acts": cfg.acts or None,
+        "weight_bits": WEIGHTS[weights] or (16 if dtype in (torch.float16, torch.bfloat16) else 32),
         "token": cfg.token, "init_word": cfg.init_word, "num_vectors": cfg.num_vectors,
+        "prompt_text": placeholder.text,
+        "trainable_parameters": sum(p.numel() for p in method.trainable_parameters()),
+        "outputs": [str(f.relative_to(out)) for f in files], "output_bytes": sum(_size(f) for f in files),
         "steps": step, "unet_forward_passes": objective.forward_passes,
         "forward_passes_per_step": objective.forward_passes / max(1, step),
         "seconds": round(seconds, 3), "seconds_per_step": round(seconds / max(1, step), 5),
-        "setup_seconds": round(setup_seconds, 3),
+        "setup_seconds": round(setup_seconds, 3), "method_setup_seconds": round(method_setup_seconds, 3),
         "peak_memory_training": memory, "final_loss": losses[-1] if losses else None,
         "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "images": len(data),
         "captions": str(captions) if captions is not None else f"{cfg.learnable_property} templates",
         "resolution": resolution, "seed": cfg.seed, "method_config": dataclasses.asdict(mconfig),
+        "method_info": method.summary(),
     }
     atomic_json(out / "run.json", result.summary)
     return result
+
+
+@dataclass
+class RunContext:
+    """What ``Method.setup`` may use: the run's folder, data, frozen components and settings."""
+
+    out: Path
+    placeholder: Placeholder
+    class_word: str
+    data: SubjectImages
+    make_data: Callable[[Path, list[str]], SubjectImages]   # (folder, caption templates) -> encoded images
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    scheduler_config: Any
+    guidance: float
+    seed: int
+    embedded: bool
+    batch_size: int
+    init_vectors_given: bool
+
+
+def _encoded(data: SubjectImages, vae, scaling: float, device, dtype) -> SubjectImages:
+    data.encode(vae, scaling, device=device, dtype=dtype)
+    return data
+
+
+def _ddim(scheduler_config):
+    from diffusers import DDIMScheduler
+    return DDIMScheduler.from_config(scheduler_config)
+
+
+def _size(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def check_types(values: dict, defaults: dict, where: str) -> dict:

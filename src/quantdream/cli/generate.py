@@ -15,6 +15,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="`tiny` (embedded model, default) or a local diffusers folder / .safetensors")
     p.add_argument("--embedding", action="append", default=[],
                    help="learned_embeds.safetensors (or A1111 .pt) to load with diffusers' load_textual_inversion; repeatable")
+    p.add_argument("--adapter", action="append", default=[],
+                   help="a `quantdream personalize` output folder or file of any method: LoRA "
+                        "(pytorch_lora_weights.safetensors), DreamBooth unet/, PEQA/TuneQDM scales.safetensors "
+                        "(timestep hook for S1/S2/TAS) or a learned embedding; {} in prompts becomes its "
+                        "prompt text (e.g. 'sks bag'); repeatable")
     p.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed+j (default 0)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25 embedded, 50 SD)")
@@ -40,6 +45,9 @@ def run(args) -> int:
     for e in args.embedding:
         if not Path(e).is_file():
             raise FileNotFoundError(f"--embedding {e} does not exist")
+    for a in args.adapter:
+        if not Path(a).exists():
+            raise FileNotFoundError(f"--adapter {a} does not exist")
     path = resolve_model(args.model)
     steps, guidance = SAMPLING_DEFAULTS["tiny" if is_tiny(path) else "sd"]
     pipe = load_pipeline(path, device=pick_device(args.device))
@@ -48,6 +56,10 @@ def run(args) -> int:
         before = len(pipe.tokenizer)
         pipe.load_textual_inversion(e)
         tokens += pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer))))
+    from ..methods.adapters import apply_adapter
+    for a in args.adapter:
+        info = apply_adapter(pipe, a)
+        tokens += [info["prompt_text"]] if info["prompt_text"] else []
     if tokens:
         prompts = [p.replace("{}", tokens[0]) for p in prompts]
     rows = generate_images(pipe, prompts, args.num_images, args.seed, args.steps or steps, args.guidance or guidance)

@@ -12,6 +12,13 @@ EPILOG = """examples:
   quantdream personalize --images photos/ --token "<my-bag>" --init-word bag --method ti --weights none --out runs/ti
   quantdream personalize --config run.toml --set zoodip.n=4 --set zoodip.sg=false --out runs/ablation
   quantdream personalize --config run.toml --out runs/my-bag --resume      # after Ctrl-C
+  quantdream personalize --images photos/ --init-word bag --method dreambooth --out runs/db   # prompt "sks bag"
+  quantdream personalize --images photos/ --init-word bag --method tuneqdm --set tuneqdm.num_experts=2 --out runs/tq
+  quantdream generate "a photo of {} on the beach" --adapter runs/tq        # any method's output folder
+
+methods: zoodip, ti, gf-ti learn a new token (learned_embeds.safetensors); dreambooth (unet/), lora and
+qlora (pytorch_lora_weights.safetensors), peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2 (scales.safetensors)
+adapt the UNet and use the prompt "a photo of sks <init-word>" (--token sets the identifier).
 
 settings: defaults < --config FILE.toml < flags/--set. The resolved settings are written to OUT/config.toml.
 """
@@ -19,7 +26,7 @@ settings: defaults < --config FILE.toml < flags/--set. The resolved settings are
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "personalize", help="learn a token for your subject from 3-6 photos (ZOODiP or textual inversion)",
+        "personalize", help="personalize a model to your subject from 3-6 photos (ZOODiP and the baselines)",
         description="Learn a new token (e.g. <my-bag>) that renders your subject, on a quantized model. "
                     "ZOODiP uses forward passes only; textual inversion (ti) backpropagates to the token.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,8 +36,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--init-word", dest="init_word", help="one-token class word to start from, e.g. bag")
     a("--out", help="output folder (new or empty; with --resume, the interrupted run's folder)")
     a("--model", help="'tiny' (the embedded model, default) or a local Stable Diffusion diffusers folder")
-    a("--method", choices=["zoodip", "ti"], help="zoodip (default; forward passes only) or ti (backpropagation)")
-    a("--weights", choices=["int8", "int4", "none"], help="weight quantization of the frozen model (default int8)")
+    from ..methods import METHODS
+    a("--method", choices=list(METHODS), help="zoodip (default; forward passes only), ti, gf-ti, dreambooth, lora, "
+                                             "qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2")
+    a("--weights", choices=["auto", "int8", "int4", "none", "nf4"],
+      help="weight quantization of the frozen model (default auto: int8; none for dreambooth/lora; nf4 for qlora)")
+    a("--acts", type=int, help="8: Q-Diffusion-style calibrated activations on the quantized UNet (W8A8 / W4A8)")
     a("--steps", type=int, help="training steps (default: the method's default for the model)")
     a("--seed", type=int, help="seed of every random stream (default 0)")
     a("--lr", type=float, help="learning rate of the chosen method")
@@ -55,7 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-FLAGS = ("images", "token", "init_word", "out", "model", "method", "weights", "steps", "seed", "device", "dtype",
+FLAGS = ("images", "token", "init_word", "out", "model", "method", "weights", "acts", "steps", "seed", "device", "dtype",
          "num_vectors", "batch_size", "captions", "learnable_property", "init_embedding", "sample_every",
          "checkpoint_every", "threads", "export_a1111", "resume")
 
@@ -72,9 +83,14 @@ def config_from_args(args):
             overrides[name] = v
     cfg = build_config(args.config, overrides)
     if args.lr is not None:
-        sect = dict(getattr(cfg, cfg.method))
+        from ..methods import METHODS, section_name
+        if cfg.method not in METHODS:
+            raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+        if cfg.method == "gf-ti":
+            raise ValueError("--lr does not apply to gf-ti (CMA-ES has a step size): use --set gf_ti.sigma0=...")
+        sect = dict(getattr(cfg, section_name(cfg.method)))
         sect["lr"] = args.lr
-        setattr(cfg, cfg.method, sect)
+        setattr(cfg, section_name(cfg.method), sect)
     return cfg
 
 
@@ -86,6 +102,6 @@ def run(args) -> int:
         print(f"interrupted at step {result.step}; continue with the same command plus --resume", file=sys.stderr)
         return 130
     s = result.summary
-    print(f"learned {cfg.token!r} in {s['steps']} steps ({s['unet_forward_passes']} UNet forward passes, "
-          f"{s['seconds']:.0f} s): {cfg.out}/learned_embeds.safetensors")
+    print(f"{cfg.method}: {s['prompt_text']!r} in {s['steps']} steps ({s['unet_forward_passes']} UNet forward passes, "
+          f"{s['seconds']:.0f} s): {', '.join(f'{cfg.out}/{o}' for o in s['outputs'])}")
     return 0

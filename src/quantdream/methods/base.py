@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,6 +116,13 @@ def add_placeholder(tokenizer, text_encoder, token: str, init_word: str, num_vec
     return Placeholder(token=token, tokens=tokens, ids=list(ids), init_vectors=init_vectors.float().clone())
 
 
+def identifier_placeholder(identifier: str, class_word: str, width: int) -> Placeholder:
+    """DreamBooth-style prompt text "<identifier> <class>" (e.g. "sks bag") for weight methods: nothing is
+    added to the tokenizer, so theta is empty (0, d) and the text encoder reads its own table."""
+    words = [w for w in (identifier, class_word) if w]
+    return Placeholder(token=identifier, tokens=words, ids=[], init_vectors=torch.zeros(0, width))
+
+
 def write_rows(text_encoder, placeholder: Placeholder, theta: torch.Tensor) -> None:
     """Store the learned rows in the embedding table (for pipelines that read the table)."""
     table = text_encoder.get_input_embeddings().weight
@@ -208,14 +216,55 @@ class DenoisingObjective:
 
 # ----------------------------------------------------------------------------- methods
 class Method:
-    """A personalization method: owns theta (V, d) float32 and how it is updated, nothing else."""
+    """A personalization method: owns what it trains and how it is updated, nothing else.
+
+    Token methods (``kind = "token"``: ti, zoodip, gf-ti) learn theta (V, d), the rows of a new token.
+    Weight methods (``kind = "weights"``, methods/gradient.py) adapt the UNet; their theta is empty
+    (0, d) and their prompt carries an identifier ("sks <class>") instead of a new token. The scaffold
+    calls, in order: ``prepare_model`` (quantize the frozen model) -> ``__init__`` -> ``setup(ctx)`` ->
+    ``step`` ... -> ``export``."""
 
     name = "base"
     config_class: type = object
+    kind = "token"
+    default_weights = "int8"                    # what --weights auto means for this method
+    weight_choices: tuple[str, ...] = ("int8", "int4", "none")
 
     def __init__(self, objective: DenoisingObjective, theta0: torch.Tensor, config) -> None:
         self.objective, self.config = objective, config
         self.theta = theta0.detach().float().clone().to(objective.device)
+
+    @classmethod
+    def prepare_model(cls, text_encoder, vae, unet, weights: str, config) -> None:
+        """Quantize the frozen model in place before training. ZOODiP's setting: UNet at ``weights``,
+        VAE and text encoder int8. NOTE(paper): its int4 variant (§S3.2) puts only the UNet at int4."""
+        if weights == "none":
+            return
+        from ..quant import quantize_model
+        quantize_model(unet, weights=weights)
+        quantize_model(vae, weights="int8")
+        quantize_model(text_encoder, weights="int8")
+
+    def setup(self, ctx) -> None:
+        """Run-time preparation that needs the data or the output folder (``ctx``: see train.RunContext)."""
+
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        return [self.theta]
+
+    def snapshot(self, folder, step: int, token: str) -> None:
+        """An intermediate result at a checkpoint (token methods: the embedding file)."""
+        from ..export import save_diffusers
+        save_diffusers(Path(folder) / f"step_{step:06d}.safetensors", token, self.theta)
+
+    def export(self, out, token: str, step: int, a1111: bool = False) -> list[Path]:
+        """Write the result files into ``out``; token methods: diffusers (and A1111) embedding files."""
+        from ..export import save_a1111, save_diffusers
+        files = [save_a1111(Path(out) / "learned_embeds.pt", token, self.theta, step)] if a1111 else []
+        return files + [save_diffusers(out, token, self.theta)]
+
+    def summary(self) -> dict:
+        """Method-specific facts for run.json (e.g. GF-TI's forward-pass budget)."""
+        return {}
 
     @property
     def lr(self) -> float:

@@ -1,0 +1,279 @@
+"""Contract tests over every personalization method on a tiny random model (peft's test matrix idea):
+only the declared tensors change after 3 steps; export -> load round-trips through the stock loader
+where one exists (load_textual_inversion, load_lora_weights, UNet2DConditionModel.from_pretrained) and
+through ``quantdream generate --adapter``'s apply_adapter; a 2-step CLI run writes its outputs and
+run.json. Method math: TuneQDM at init is the frozen layer, experts follow the timestep, S1 uses
+frozen scales outside its interval."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from quantdream.data.dataset import Batch
+from quantdream.methods import METHODS, method_class, section_name
+from quantdream.methods.base import DenoisingObjective, Streams, add_placeholder, identifier_placeholder
+
+# settings that make 3 steps visible (the papers' learning rates move scales by ~1e-6 per step)
+TEST_SETTINGS = {
+    "zoodip": {"lr": 1e-2, "tau": 2}, "ti": {"lr": 1e-2}, "gf-ti": {"dim": 16, "popsize": 4, "init": "word"},
+    "dreambooth": {"lr": 1e-3}, "lora": {"lr": 1e-2}, "qlora": {"lr": 1e-2}, "peqa": {"lr": 1e-4},
+    "tuneqdm": {"lr": 1e-4}, "tuneqdm-s1": {"lr": 1e-4}, "tuneqdm-s2": {"lr": 1e-4},
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+    from quantdream.models.embedded import build_components
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-sd"
+    StableDiffusionPipeline(**build_components(), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        a = np.full((48, 48, 3), rng.integers(0, 255, 3), np.uint8)
+        a[12:36, 12:36] = (200, 30, 30)
+        Image.fromarray(a).save(d / f"{i:02d}.png")
+    return d
+
+
+def load_pipe(model_dir):
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build(model_dir, name, **settings):
+    """The scaffold's build order (train.personalize) in memory: prepare -> objective -> method -> setup."""
+    from quantdream.train import resolve_weights
+    pipe = load_pipe(model_dir)
+    mcls = method_class(name)
+    from quantdream.methods.base import config_from_dict
+    config = config_from_dict(mcls.config_class, {**TEST_SETTINGS[name], **settings}, section_name(name))
+    te, vae, unet, tok = pipe.text_encoder, pipe.vae, pipe.unet, pipe.tokenizer
+    for m in (te, vae, unet):
+        m.requires_grad_(False).eval()
+    if mcls.kind == "token":
+        ph = add_placeholder(tok, te, "<my-bag>", "bag")
+    else:
+        ph = identifier_placeholder("sks", "bag", 768)
+    weights = resolve_weights(SimpleNamespace(weights="auto", method=name), mcls)
+    mcls.prepare_model(te, vae, unet, weights, config)
+    from diffusers import DDPMScheduler
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    obj = DenoisingObjective(tok, te, unet, sched, ph)
+    method = mcls(obj, ph.init_vectors, config)
+    data = SimpleNamespace(pixels=torch.rand(3, 3, 64, 64) * 2 - 1)
+    method.setup(SimpleNamespace(placeholder=ph, class_word="bag", data=data, tokenizer=tok, embedded=True,
+                                 init_vectors_given=False, batch_size=1))
+    return SimpleNamespace(pipe=pipe, method=method, objective=obj, placeholder=ph, unet=unet, te=te, vae=vae)
+
+
+def batch(text, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(latents=torch.randn(1, 4, 16, 16, generator=g), captions=[f"a photo of {text}"], index=[0],
+                 flipped=[False])
+
+
+def tensors(*modules):
+    out = {}
+    for i, m in enumerate(modules):
+        for n, t in list(m.named_parameters()) + list(m.named_buffers()):
+            out[f"{i}.{n}"] = t
+    return out
+
+
+def unet_out(unet, t, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    c = torch.randn(1, 32, 768, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([t]), c).sample
+
+
+# ----------------------------------------------------------------------------- contract: what trains
+@pytest.mark.parametrize("name", METHODS)
+def test_only_declared_tensors_change(model_dir, name):
+    r = build(model_dir, name)
+    before = {k: v.detach().clone() for k, v in tensors(r.te, r.vae, r.unet).items()}
+    declared = {id(p) for p in r.method.trainable_parameters()}
+    names = {k for k, v in tensors(r.te, r.vae, r.unet).items() if id(v) in declared}
+    theta0 = r.method.theta.clone()
+    streams = Streams.from_seed(0)
+    visited = set()
+    for s in range(3):
+        loss = r.method.step(batch(r.placeholder.text, s), streams)
+        assert torch.isfinite(loss)
+        sel = getattr(r.method, "selector", None)
+        if sel is not None:
+            visited.add(sel.current)
+    after = tensors(r.te, r.vae, r.unet)
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k].detach())}
+    assert changed <= names, f"frozen tensors moved: {sorted(changed - names)[:5]}"
+    if r.method.kind == "token":
+        assert not names and not torch.equal(r.method.theta, theta0)
+    elif getattr(r.method, "selector", None) is not None and r.method.selector.num_experts > 1:
+        moved = {int(k.rsplit(".", 1)[1]) for k in changed}
+        assert moved == visited                            # TAS: exactly the experts whose t was drawn
+    else:
+        assert changed == names, f"declared tensors that did not train: {sorted(names - changed)[:5]}"
+    assert r.method.theta.shape[0] == (0 if r.method.kind == "weights" else 1)
+
+
+# ----------------------------------------------------------------------------- contract: export -> load
+@pytest.mark.parametrize("name", ["gf-ti", "dreambooth", "lora", "qlora", "peqa", "tuneqdm", "tuneqdm-s1",
+                                  "tuneqdm-s2"])
+def test_export_load_round_trip(model_dir, name, tmp_path):
+    from quantdream.methods.adapters import apply_adapter
+    r = build(model_dir, name)
+    streams = Streams.from_seed(0)
+    for s in range(3):
+        r.method.step(batch(r.placeholder.text, s), streams)
+    files = r.method.export(tmp_path, "<my-bag>", 3)
+    assert all(f.exists() for f in files)
+    pipe = load_pipe(model_dir)
+    if name == "gf-ti":                                       # stock: load_textual_inversion
+        pipe.load_textual_inversion(str(tmp_path))
+        tid = pipe.tokenizer.convert_tokens_to_ids("<my-bag>")
+        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[tid], r.method.theta[0])
+        return
+    info = json.loads((tmp_path / "adapter.json").read_text())
+    assert info["method"] == name and info["prompt_text"] == "sks bag"
+    if name == "dreambooth":                                  # stock: UNet2DConditionModel.from_pretrained
+        from diffusers import UNet2DConditionModel
+        unet = UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
+        torch.testing.assert_close(unet_out(unet, 500), unet_out(r.unet, 500))
+    elif name == "lora":                                      # stock: load_lora_weights on the float base
+        pipe.load_lora_weights(str(tmp_path))
+        torch.testing.assert_close(unet_out(pipe.unet, 500), unet_out(r.unet, 500), atol=1e-5, rtol=1e-4)
+    elif name == "qlora":                                     # same adapter tensors; the base is NF4 vs float
+        from peft.utils import get_peft_model_state_dict
+        pipe.load_lora_weights(str(tmp_path))
+        a = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.unet.active_adapters()[0])
+        b = get_peft_model_state_dict(r.unet)
+        assert len(a) == len(b) > 0
+        for x, y in zip(sorted(a.items()), sorted(b.items())):
+            torch.testing.assert_close(x[1], y[1])
+    else:                                                     # scales: quantize like the run, load, hook
+        out = apply_adapter(pipe, tmp_path)
+        assert out["kind"] == "scales" and out["prompt_text"] == "sks bag"
+        for t in (100, 300, 600, 900):
+            torch.testing.assert_close(unet_out(pipe.unet, t), unet_out(r.unet, t))
+
+
+# ----------------------------------------------------------------------------- TuneQDM math
+def test_tuneqdm_at_init_equals_the_frozen_quantized_layer(model_dir):
+    """s_in = 1 and s_out = the quantizer scale: every expert reproduces the frozen int8 model exactly."""
+    r = build(model_dir, "tuneqdm")
+    frozen = load_pipe(model_dir).unet
+    method_class("tuneqdm").prepare_model(None, None, frozen, "int8", r.method.config)
+    for t in (0, 249, 250, 600, 999):
+        torch.testing.assert_close(unet_out(r.unet, t), unet_out(frozen, t), atol=0, rtol=0)
+
+
+def test_tuneqdm_expert_follows_the_timestep(model_dir):
+    r = build(model_dir, "tuneqdm", num_experts=4)
+    for t, j in ((0, 0), (249, 0), (250, 1), (500, 2), (749, 2), (750, 3), (999, 3)):
+        unet_out(r.unet, t)
+        assert r.method.selector.current == j
+
+
+def test_s1_uses_frozen_scales_outside_its_interval(model_dir):
+    r = build(model_dir, "tuneqdm-s1")                       # interval [500, 1000)
+    assert r.method.selector.interval == (500.0, 1000.0)
+    assert (r.objective.timesteps.t_low, r.objective.timesteps.t_high) == (500, 1000)   # trains inside only
+    with torch.no_grad():
+        for p in r.method.params:
+            p.mul_(1.5)
+    frozen = load_pipe(model_dir).unet
+    method_class("peqa").prepare_model(None, None, frozen, "int8", r.method.config)
+    torch.testing.assert_close(unet_out(r.unet, 499), unet_out(frozen, 499), atol=0, rtol=0)
+    assert r.method.selector.current is None
+    assert not torch.allclose(unet_out(r.unet, 500), unet_out(frozen, 500))
+
+
+def test_peqa_int4_is_per_output_channel(model_dir):
+    r = build(model_dir, "peqa")
+    from quantdream.quant import quantized_layers
+    layers = [m for _, m in quantized_layers(r.unet)]
+    assert layers and all(m.scale.shape[1] == 1 for m in layers)
+    n = sum(p.numel() for p in r.method.params)
+    assert n == sum(m.weight_shape[0] for m in layers)        # one scale per output channel
+
+
+def test_weight_methods_refuse_the_wrong_bit_width():
+    from quantdream.train import resolve_weights
+    with pytest.raises(ValueError, match="--weights int8 does not apply to --method dreambooth; choose none"):
+        resolve_weights(SimpleNamespace(weights="int8", method="dreambooth"), method_class("dreambooth"))
+    with pytest.raises(ValueError, match="--weights none does not apply to --method peqa; choose int8 or int4"):
+        resolve_weights(SimpleNamespace(weights="none", method="peqa"), method_class("peqa"))
+
+
+# ----------------------------------------------------------------------------- CLI, every method
+def cli_args(model_dir, photos, out, name, *extra):
+    a = ["personalize", "--images", str(photos), "--init-word", "bag", "--model", str(model_dir), "--out", str(out),
+         "--method", name, "--steps", "2", "--threads", "1", "--set", "sample_steps=2", "--set", "sample_images=1"]
+    if name in ("zoodip", "ti", "gf-ti"):
+        a += ["--token", "<my-bag>"]
+    if name == "gf-ti":
+        a += ["--set", "gf_ti.popsize=4", "--set", "gf_ti.dim=16"]
+    return a + list(extra)
+
+
+EXPECTED_OUTPUT = {"zoodip": "learned_embeds.safetensors", "ti": "learned_embeds.safetensors",
+                   "gf-ti": "learned_embeds.safetensors", "dreambooth": "unet",
+                   "lora": "pytorch_lora_weights.safetensors", "qlora": "pytorch_lora_weights.safetensors",
+                   "peqa": "scales.safetensors", "tuneqdm": "scales.safetensors",
+                   "tuneqdm-s1": "scales.safetensors", "tuneqdm-s2": "scales.safetensors"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHODS)
+def test_two_step_cli_run_and_generate_with_the_adapter(model_dir, photos, tmp_path, name):
+    from quantdream.cli.main import main
+    out = tmp_path / "run"
+    assert main(cli_args(model_dir, photos, out, name)) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["method"] == name and run["steps"] == 2 and np.isfinite(run["final_loss"])
+    assert EXPECTED_OUTPUT[name] in run["outputs"] and (out / EXPECTED_OUTPUT[name]).exists()
+    assert run["trainable_parameters"] > 0 and run["output_bytes"] > 0
+    per_step = {"zoodip": 3, "gf-ti": 4}.get(name, 1)
+    assert run["unet_forward_passes"] == 2 * per_step
+    if name == "gf-ti":
+        assert run["method_info"]["forward_pass_budget"] == 8 and run["method_info"]["generations"] == 2
+    assert (out / "samples" / "step_000002.png").is_file()
+    gen = tmp_path / "gen"
+    assert main(["generate", "a photo of {}", "--model", str(model_dir), "--adapter", str(out), "-n", "1",
+                 "--steps", "2", "--out", str(gen)]) == 0
+    assert (gen / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_dreambooth_prior_preservation_caches_class_images(model_dir, photos, tmp_path):
+    from quantdream.cli.main import main
+    out = tmp_path / "db"
+    assert main(cli_args(model_dir, photos, out, "dreambooth", "--set", "dreambooth.prior_preservation=true",
+                         "--set", "dreambooth.num_class_images=2", "--set", "dreambooth.class_sample_steps=2")) == 0
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["class_0000.png", "class_0001.png"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["unet_forward_passes"] == 4                     # instance + class batch per step
+
+
+@pytest.mark.slow
+def test_activation_calibrated_base(model_dir, photos, tmp_path):
+    """--acts 8: the PEQA run trains on a Q-Diffusion-style W8A8 UNet."""
+    from quantdream.cli.main import main
+    out = tmp_path / "w8a8"
+    assert main(cli_args(model_dir, photos, out, "peqa", "--acts", "8",
+                         "--set", "sample_prompts=['a photo of a {}']")) == 0
+    assert json.loads((out / "run.json").read_text())["acts"] == 8
