@@ -61,6 +61,7 @@ class BenchSpec:
     threads: int = 0              # torch CPU threads; 0: torch's default
     device: str = "auto"          # auto | cpu | cuda
     dtype: str = "auto"           # auto: float16 on CUDA, float32 on CPU
+    low_memory: bool = False      # glibc returns freed blocks >= 4 MiB at once (memory.return_freed_memory_eagerly)
 
     def resolved_resolution(self) -> int:
         return self.resolution or NATIVE_RESOLUTION[self.arch]
@@ -251,7 +252,8 @@ def _git_revision() -> str | None:
 # ----------------------------------------------------------------------------- the measurement
 def _base_row(spec: BenchSpec, weights: str) -> dict:
     return {"method": spec.method, "arch": spec.arch, "weights": weights, "resolution": spec.resolved_resolution(),
-            "steps": spec.steps, "images": spec.images, "batch_size": spec.batch_size, "threads": spec.threads}
+            "steps": spec.steps, "images": spec.images, "batch_size": spec.batch_size, "threads": spec.threads,
+            "low_memory": spec.low_memory}
 
 
 def check_spec(spec: BenchSpec) -> None:
@@ -292,6 +294,10 @@ def measure_in_process(spec: BenchSpec) -> dict:
                 "note": f"{spec.method} on {spec.arch} is not supported yet (the scaffold trains SD-1.x/2.x)"}
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    if spec.low_memory:
+        eager = getattr(memory, "return_freed_memory_eagerly", None)
+        if eager is None or not eager():
+            return {**row, "status": "failed", "note": "--low-memory needs glibc's mallopt (not available here)"}
     device = torch.device(pick_device(spec.device))
     dtype = resolve_dtype(spec.dtype, device)
     res = spec.resolved_resolution()
@@ -415,7 +421,8 @@ def memory_markdown(result: dict) -> str:
         cuda = (f"{tp['cuda_max_allocated_mib']:.0f} / {tp['cuda_max_reserved_mib']:.0f}"
                 if "cuda_max_allocated_mib" in tp else "")
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('note', '')}"
-        lines.append(f"| {r['method']} | {r['arch']} | {r['weights'] or 'default'} | {r['resolution']} | {status} | "
+        weights = (r["weights"] or "default") + (" (low-memory)" if r.get("low_memory") else "")
+        lines.append(f"| {r['method']} | {r['arch']} | {weights} | {r['resolution']} | {status} | "
                      f"{_fmt(tp.get('vmhwm_mib'))} | {_fmt(tp.get('rss_anon_mib'))} | {_fmt(tp.get('rss_file_mib'))} | "
                      f"{_fmt(r.get('whole_process_peak_mib'))} | {cuda} | {_bytes(r.get('storage_bytes'))} | "
                      f"{_fmt(r.get('seconds_per_step'), '.3g')} | {_fmt(r.get('unet_forward_passes_per_step'), 'g')} |")
