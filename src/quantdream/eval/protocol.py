@@ -153,6 +153,12 @@ def register_adapter(method: str, adapter: Adapter) -> None:
 
 def adapter_for(run: RunInfo) -> Adapter:
     if run.method not in ADAPTERS:
+        try:  # the weight methods (issue 5) register themselves from methods/adapters.py
+            from ..methods.adapters import register_evaluate_adapters
+            register_evaluate_adapters()
+        except ImportError:
+            pass
+    if run.method not in ADAPTERS:
         raise ValueError(f"run {str(run.dir)!r} was trained with method {run.method!r}, which evaluate cannot load "
                          f"yet; it knows {', '.join(sorted(ADAPTERS))}")
     return ADAPTERS[run.method]
