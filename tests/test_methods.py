@@ -277,3 +277,46 @@ def test_activation_calibrated_base(model_dir, photos, tmp_path):
     assert main(cli_args(model_dir, photos, out, "peqa", "--acts", "8",
                          "--set", "sample_prompts=['a photo of a {}']")) == 0
     assert json.loads((out / "run.json").read_text())["acts"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["peqa", "tuneqdm", "lora", "gf-ti"])
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(model_dir, photos, tmp_path, name):
+    import os
+    import signal
+    from quantdream.train import build_config, personalize
+    kw = dict(images=str(photos), token="<my-bag>" if name == "gf-ti" else "", init_word="bag", model=str(model_dir),
+              method=name, steps=3, threads=1, sample_every=0, sample_steps=2, sample_images=1, checkpoint_every=2)
+    kw.update({section_name(name): TEST_SETTINGS[name]})
+    full = personalize(build_config(overrides={**kw, "out": str(tmp_path / "full")}))
+
+    def interrupt(info):
+        if info["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    cut = personalize(build_config(overrides={**kw, "out": str(tmp_path / "cut")}), callback=interrupt)
+    assert not cut.completed and cut.step == 2
+    done = personalize(build_config(overrides={**kw, "out": str(tmp_path / "cut"), "resume": True}))
+    assert done.completed and done.losses == pytest.approx(full.losses, abs=0)
+    a, b = json.loads((tmp_path / "full" / "run.json").read_text()), json.loads((tmp_path / "cut" / "run.json").read_text())
+    for f in a["outputs"]:
+        if f.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            x, y = load_file(str(tmp_path / "full" / f)), load_file(str(tmp_path / "cut" / f))
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dreambooth", "lora", "tuneqdm-s2"])
+def test_evaluate_can_load_weight_method_runs(model_dir, photos, tmp_path, name):
+    from quantdream.cli.main import main
+    from quantdream.eval import protocol
+    from quantdream.methods.adapters import register_evaluate_adapters
+    out = tmp_path / "run"
+    assert main(cli_args(model_dir, photos, out, name)) == 0
+    register_evaluate_adapters()
+    run = protocol.read_run(out)
+    adapter = protocol.adapter_for(run)
+    adapter.check(run)
+    assert adapter.subject_text(run, "bag") == "sks bag"
+    pipe = adapter.load(run, "cpu", torch.float32)
+    assert pipe.unet is not None

@@ -566,7 +566,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
     result.summary = {
         "method": cfg.method, "model": cfg.model, "weights": weights, "acts": cfg.acts or None,
         "weight_bits": WEIGHTS[weights] or (16 if dtype in (torch.float16, torch.bfloat16) else 32),
-        "token": cfg.token, "init_word": cfg.init_word, "num_vectors": cfg.num_vectors,
+        "token": placeholder.token, "init_word": cfg.init_word, "num_vectors": cfg.num_vectors,
         "prompt_text": placeholder.text,
         "trainable_parameters": sum(p.numel() for p in method.trainable_parameters()),
         "outputs": [str(f.relative_to(out)) for f in files], "output_bytes": sum(_size(f) for f in files),

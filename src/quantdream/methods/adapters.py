@@ -105,3 +105,26 @@ def apply_scales(unet, path: Path):
         weights = meta.get("quantdream_weights", "int8")
         quantize_model(unet, weights, group_size=int(meta.get("quantdream_group_size", 0)))
     return load_scales(unet, path)
+
+
+WEIGHT_METHODS = ("dreambooth", "lora", "qlora", "peqa", "tuneqdm", "tuneqdm-s1", "tuneqdm-s2")
+
+
+def register_evaluate_adapters() -> None:
+    """Teach ``quantdream evaluate`` (eval/protocol.py) the weight methods: DreamBooth-style prompts
+    ("sks <class>") on the run's model with its output applied by :func:`apply_adapter`."""
+    from ..eval import protocol
+
+    def check(run) -> None:
+        detect(run.dir)
+
+    def load(run, device: str = "cpu", dtype=None):
+        import torch
+        from ..models.load import load_pipeline
+        pipe = load_pipeline(run.model, device=device, dtype=dtype or torch.float32)
+        apply_adapter(pipe, run.dir)
+        return pipe
+
+    adapter = protocol.Adapter("class", check, load)
+    for name in WEIGHT_METHODS:
+        protocol.register_adapter(name, adapter)

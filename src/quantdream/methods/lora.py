@@ -64,6 +64,15 @@ class Lora(GradientMethod):
                                         target_modules=list(c.targets)))
         return [p for p in unet.parameters() if p.requires_grad]
 
+    def setup(self, ctx) -> None:
+        """Redraw A ~ N(0, 1/r) (peft's "gaussian" init) from the run's seed: peft draws from the global RNG."""
+        super().setup(ctx)
+        g = torch.Generator().manual_seed(getattr(ctx, "seed", 0) * 1000 + 6)
+        with torch.no_grad():
+            for name, p in self.unet.named_parameters():
+                if ".lora_A." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) / self.config.rank)
+
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict

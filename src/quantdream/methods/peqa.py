@@ -52,6 +52,12 @@ class ScaleTuning(GradientMethod):
                                               num_train_timesteps=self.objective.num_train_timesteps)
         return scale_parameters(unet)
 
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        if self.selector.num_experts > 1 and ctx.batch_size > 1:
+            raise ValueError(f"{self.name} with {self.selector.num_experts} timestep experts trains one timestep "
+                             f"per step (TuneQDM's code assumes batch 1); use --batch-size 1")
+
     def export_files(self, out: Path) -> list[Path]:
         return [save_scale_file(self.unet, Path(out) / SCALES_FILE)]
 
