@@ -239,6 +239,7 @@ def train_unet(a) -> None:
         t.load_state_dict({k[3:]: v for k, v in ema.items() if k.startswith("te.")})
         return u.eval(), t.eval()
 
+    cached_k, cached_caps, cached_dist = -1, None, None
     with graceful_interrupt() as stop:
         while step < a.steps and not stop:
             lr = lr_at(step, a.lr, a.steps, 500)
@@ -248,10 +249,14 @@ def train_unet(a) -> None:
                 g["lr"] = lr
             if step % 10 == 0:
                 adjust_threads(run)
-            x, _, caps = data(step, a.batch, captions=True)
-            caps = [c if np.random.default_rng([a.seed, step, i]).random() >= 0.1 else "" for i, c in enumerate(caps)]
-            with torch.no_grad():
-                z0 = vae.encode(x).latent_dist.sample() * scaling
+            if step // a.reuse != cached_k:  # each rendered+encoded batch serves `reuse` steps (new noise and t)
+                cached_k = step // a.reuse
+                x, _, cached_caps = data(cached_k, a.batch, captions=True)
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    cached_dist = vae.encode(x).latent_dist
+            caps = [c if np.random.default_rng([a.seed, step, i]).random() >= 0.1 else ""
+                    for i, c in enumerate(cached_caps)]
+            z0 = cached_dist.sample().float() * scaling
             noise = torch.randn_like(z0)
             t = torch.randint(0, 1000, (len(z0),))
             zt = sched.add_noise(z0, noise, t)
@@ -321,6 +326,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (vae 5e-4, unet 3e-4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kl-weight", type=float, default=1e-5, help="KL term per latent element (vae)")
+    ap.add_argument("--reuse", type=int, default=2, help="unet: steps each rendered+encoded batch serves")
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet/text-encoder weights")
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
