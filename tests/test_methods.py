@@ -75,7 +75,7 @@ def build(model_dir, name, **settings):
     method = mcls(obj, ph.init_vectors, config)
     data = SimpleNamespace(pixels=torch.rand(3, 3, 64, 64) * 2 - 1)
     method.setup(SimpleNamespace(placeholder=ph, class_word="bag", data=data, tokenizer=tok, embedded=True,
-                                 init_vectors_given=False, batch_size=1))
+                                 init_vectors_given=False, batch_size=1, steps=3))
     return SimpleNamespace(pipe=pipe, method=method, objective=obj, placeholder=ph, unet=unet, te=te, vae=vae)
 
 

@@ -486,7 +486,8 @@ def personalize(cfg: RunConfig, progress: bool = False,
                                                                          device, dtype),
                             tokenizer=tokenizer, text_encoder=te, vae=vae, unet=unet,
                             scheduler_config=scheduler.config, guidance=guidance, seed=cfg.seed, embedded=embedded,
-                            batch_size=cfg.batch_size, init_vectors_given=init_vectors is not None))
+                            batch_size=cfg.batch_size, init_vectors_given=init_vectors is not None,
+                            steps=steps))
     method_setup_seconds = time.perf_counter() - t_method_setup
     if ckpt is not None:
         method.load_state_dict(ckpt["method"])
@@ -604,6 +605,7 @@ class RunContext:
     embedded: bool
     batch_size: int
     init_vectors_given: bool
+    steps: int = 0          # the run's total steps (for step-size schedules)
 
 
 def _encoded(data: SubjectImages, vae, scaling: float, device, dtype) -> SubjectImages:

@@ -1,29 +1,35 @@
 """Training memory of personalization methods, each in a fresh subprocess (ecosystem.md, "Measuring
 memory honestly"; style.md habit 10).
 
-    quantdream bench memory --arch sd15 --methods zoodip,ti --resolution 512 --steps 3 --out bench/
+    quantdream bench memory --arch sd15 --methods zoodip,ti,peqa,dreambooth --resolution 512 --steps 3 --out bench/
 
-One configuration = one ``python -m quantdream.bench.memory --spec JSON --result FILE`` process that
+One configuration = one ``python -m quantdream.bench.run_one --spec JSON --result FILE`` process that
 
 1. builds the architecture with random weights (``--arch tiny``: the embedded model's classes;
-   ``sd15``/``sd21``: ``models.arch``), quantized the way the method runs. Quantized components are
-   built layer by layer (meta device -> one random float layer -> its int codes), as loading a quantized
-   folder does, so the whole float model never exists in the process;
-2. encodes a couple of random reference images with the real data code (``SubjectImages``) and sets the
-   method up through its real class on the shared ``DenoisingObjective``;
+   ``sd15``/``sd21``: ``models.arch``) and prepares it with the method's own ``prepare_model`` (int8 UNet,
+   VAE and text encoder for ZOODiP; int8 per-channel UNet for PEQA / TuneQDM; NF4 Linear + int4 Conv2d
+   for QLoRA; nothing for DreamBooth, LoRA and TI), layer by layer: the model is built on the meta
+   device and each Linear/Conv2d gets its random float weight right before ``prepare_model`` swaps it,
+   so a quantized model never exists as a whole float model in the process;
+2. encodes a couple of random reference images with the real data code (``SubjectImages``) and builds the
+   method as ``train.personalize`` does (objective -> method with its paper defaults -> ``setup(RunContext)``);
 3. ``memory.reset_peak()`` (gc + ``malloc_trim(0)`` + ``clear_refs``), runs ``steps`` real training
-   steps, then ``memory.peak()``: the training-phase VmHWM with RssAnon / RssFile apart, and on CUDA the
-   allocator's max allocated / reserved;
-4. saves the learned output the way a run does and reports its size on disk.
+   steps (``method.step``), then ``memory.peak()``: the training-phase VmHWM with RssAnon / RssFile apart,
+   and on CUDA the allocator's max allocated / reserved;
+4. writes the learned output with the method's ``export`` and reports its size on disk (token methods:
+   learned_embeds.safetensors; dreambooth: unet/; lora, qlora: pytorch_lora_weights.safetensors; peqa,
+   tuneqdm*: scales.safetensors; weight methods also write adapter.json).
 
 Whole-process peak = max(VmHWM of setup, VmHWM of training): everything the process ever held,
-Python, torch and the model included. A method the build does not have yet gets a "not implemented"
-row, not a crash; issue 5's methods plug in with :func:`register_bench_method`.
+Python, torch and the model included. Every method of ``quantdream.methods`` is measurable; a method on
+an architecture the scaffold cannot train (SDXL) gets a "not implemented" row, not a crash. Other
+trainers plug in with :func:`register_bench_method`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -33,17 +39,22 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Protocol
+
+from ..methods import METHODS  # names only: the method modules (and torch) load in the measuring process
 
 logger = logging.getLogger(__name__)
 
 ARCHS = ("tiny", "sd15", "sd21", "sdxl")
 NATIVE_RESOLUTION = {"tiny": 64, "sd15": 512, "sd21": 768, "sdxl": 1024}
-# Every method of the two papers (issue 5). Those without a BenchMethod give a "not implemented" row.
-KNOWN_METHODS = ("zoodip", "ti", "gf-ti", "dreambooth", "lora", "qlora", "peqa", "tuneqdm-s1", "tuneqdm-s2",
-                 "tuneqdm")
-WEIGHTS = ("int8", "int4", "none")
+KNOWN_METHODS = METHODS                  # every method of the two papers (quantdream.methods)
+WEIGHTS = ("int8", "int4", "none", "nf4")  # nf4: qlora's bitsandbytes Linear4bit base
+# Settings the bench pins on top of each method's paper defaults (everything else: the method's config class).
+BENCH_SETTINGS = {
+    "dreambooth": {"prior_preservation": False},   # ZOODiP Table 1's DreamBooth row; no class images generated
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,7 @@ class BenchSpec:
     method: str = "zoodip"
     resolution: int = 0           # 0: the architecture's native resolution
     steps: int = 3                # training steps measured (after setup)
-    weights: str = ""             # "": as the method runs (BenchMethod.default_weights); int8 | int4 | none
+    weights: str = ""             # "": as the method runs (BenchMethod.default_weights); int8 | int4 | none | nf4
     images: int = 2               # random reference images
     batch_size: int = 1
     seed: int = 0
@@ -72,71 +83,121 @@ class Trainer(Protocol):
 
     def step(self) -> Any: ...                          # one real training step
     def forward_passes(self) -> int: ...                # UNet forward passes of one sample so far
-    def save(self, folder: Path) -> list[Path]: ...     # the learned output, as a run writes it
+    def save(self, folder: Path) -> list[Path]: ...     # the learned output, as a run writes it (files or folders)
 
 
 @dataclass(frozen=True)
 class BenchMethod:
     """How ``bench memory`` runs one method. ``setup(components, data, spec)`` builds a Trainer on
-    already built (and quantized) components; ``default_weights`` is how the method runs in its paper."""
+    already built (and prepared) components; ``default_weights`` is how the method runs in its paper;
+    ``prepare(text_encoder, vae, unet, weights)`` quantizes / wraps the frozen model in place, layer by
+    layer (see :func:`prepare_layer_by_layer`); None: ``Method.prepare_model`` (ZOODiP's setting)."""
 
     name: str
     default_weights: str
     setup: Callable[[dict, Any, BenchSpec], Trainer]
     archs: tuple[str, ...] = ("tiny", "sd15", "sd21")  # SDXL needs both text encoders (not in the scaffold yet)
+    prepare: Callable[[Any, Any, Any, str], None] | None = None
 
 
 BENCH_METHODS: dict[str, BenchMethod] = {}
 
 
 def register_bench_method(method: BenchMethod) -> None:
-    """Add (or replace) a method in ``bench memory`` (issue 5: dreambooth, lora, peqa, tuneqdm, gf-ti...)."""
+    """Add (or replace) a method in ``bench memory``; it takes precedence over quantdream.methods' own."""
     BENCH_METHODS[method.name] = method
 
 
-# ----------------------------------------------------------------------------- token methods (TI, ZOODiP)
-class _TokenTrainer:
-    """A quantdream.methods token method (ti, zoodip, gf-ti...) on the shared objective, as train.py runs it."""
+# ----------------------------------------------------------------------------- quantdream.methods
+def bench_config(name: str):
+    """The method's config: its paper defaults (config class) plus :data:`BENCH_SETTINGS`."""
+    from ..methods import method_class, section_name
+    from ..methods.base import config_from_dict
+    cls = method_class(name)
+    return config_from_dict(cls.config_class, BENCH_SETTINGS.get(name, {}), section_name(name))
 
-    token, init_word = "<bench-token>", "bag"
+
+class _MethodTrainer:
+    """A quantdream.methods method (token or weight), built and stepped as ``train.personalize`` does:
+    placeholder (a new token, or the identifier prompt "sks bag" for weight methods) -> DenoisingObjective
+    -> ``cls(objective, theta0, config)`` -> ``setup(RunContext)`` -> ``step(batch, streams)``; ``save``
+    is the method's ``export``. The frozen model arrives prepared by the method's ``prepare_model``."""
+
+    token, identifier, init_word = "<bench-token>", "sks", "bag"
 
     def __init__(self, comps: dict, data, spec: BenchSpec) -> None:
         from ..methods import method_class
-        from ..methods.base import DenoisingObjective, Streams, add_placeholder, config_from_dict
+        from ..methods.base import DenoisingObjective, Streams, add_placeholder, identifier_placeholder
+        from ..train import RunContext
         cls = method_class(spec.method)
-        te = comps["text_encoder"]
-        self.placeholder = add_placeholder(comps["tokenizer"], te, self.token, self.init_word, 1)
-        self.objective = DenoisingObjective(comps["tokenizer"], te, comps["unet"], comps["scheduler"],
-                                            self.placeholder, device=comps["device"], dtype=comps["dtype"])
-        # the method's own defaults (the paper's settings), as a run without overrides
-        self.method = cls(self.objective, self.placeholder.init_vectors, config_from_dict(cls.config_class, {}, spec.method))
+        tok, te = comps["tokenizer"], comps["text_encoder"]
+        if cls.kind == "token":
+            self.placeholder = add_placeholder(tok, te, self.token, self.init_word, 1)
+        else:  # DreamBooth's prompt: "a photo of sks bag"; nothing is added to the tokenizer
+            self.placeholder = identifier_placeholder(self.identifier, self.init_word,
+                                                      te.get_input_embeddings().weight.shape[1])
+            data.templates = [cls.instance_prompt]
+        self.comps, self.resolution = comps, spec.resolved_resolution()
+        self.objective = DenoisingObjective(tok, te, comps["unet"], comps["scheduler"], self.placeholder,
+                                            device=comps["device"], dtype=comps["dtype"])
+        self.method = cls(self.objective, self.placeholder.init_vectors, bench_config(spec.method))
         self.streams = Streams.from_seed(spec.seed, comps["device"])
-        self.data, self.batch_size = data, spec.batch_size
+        self.data, self.batch_size, self.steps = data, spec.batch_size, 0
+        ctx = dict(out=Path(comps["workdir"]) / "run", placeholder=self.placeholder, class_word=self.init_word,
+                   data=data, make_data=self._make_data, tokenizer=tok, text_encoder=te, vae=comps["vae"],
+                   unet=comps["unet"], scheduler_config=comps["scheduler"].config,
+                   guidance=4.0 if spec.arch == "tiny" else 7.5, seed=spec.seed, embedded=spec.arch == "tiny",
+                   batch_size=spec.batch_size, init_vectors_given=False, steps=spec.steps)
+        fields = {f.name for f in dataclasses.fields(RunContext)}  # steps: newer scaffolds
+        self.method.setup(RunContext(**{k: v for k, v in ctx.items() if k in fields}))
+        self.objective.forward_passes = 0      # as train.py: passes are counted from the first step
+
+    def _make_data(self, folder: Path, templates: list[str]):
+        """RunContext.make_data: images encoded with the run's VAE (DreamBooth's class images; unused
+        while prior preservation is off)."""
+        from ..data.dataset import SubjectImages
+        c = self.comps
+        d = SubjectImages(folder, self.resolution)
+        d.templates = list(templates)
+        d.encode(c["vae"], float(c["vae"].config.scaling_factor), device=c["device"], dtype=c["dtype"])
+        return d
 
     def step(self):
         batch = self.data.sample(self.batch_size, self.streams.data, self.placeholder.text)
+        self.steps += 1
         return self.method.step(batch, self.streams)
 
     def forward_passes(self) -> int:
         return self.objective.forward_passes
 
     def save(self, folder: Path) -> list[Path]:
-        from ..export import save_diffusers
-        return [save_diffusers(folder, self.token, self.method.theta)]
+        folder.mkdir(parents=True, exist_ok=True)
+        return self.method.export(folder, self.placeholder.token, self.steps, False)
+
+    def info(self) -> dict:
+        """Extra row fields: trainable tensor size and the method's run.json facts (e.g. QLoRA's backend)."""
+        n = sum(p.numel() for p in self.method.trainable_parameters())
+        return {"trainable_parameters": n,
+                "method_info": json.loads(json.dumps(self.method.summary(), default=str))}
 
 
-for _name, _weights in (("zoodip", "int8"), ("ti", "none")):
-    register_bench_method(BenchMethod(_name, _weights, _TokenTrainer))
+@lru_cache(maxsize=None)
+def method_bench(name: str) -> BenchMethod:
+    """The BenchMethod of a quantdream.methods method: its default weights and its own prepare_model."""
+    from ..methods import method_class
+    cls, config = method_class(name), bench_config(name)
+
+    def prepare(text_encoder, vae, unet, weights: str) -> None:
+        cls.prepare_model(text_encoder, vae, unet, weights, config)
+
+    return BenchMethod(name, cls.default_weights, _MethodTrainer, prepare=prepare)
 
 
 def _implemented(name: str) -> BenchMethod | None:
-    """The registered BenchMethod; a token method added to quantdream.methods later (gf-ti) works as is."""
+    """A registered BenchMethod, else the one of quantdream.methods; None for an unknown name."""
     if name in BENCH_METHODS:
         return BENCH_METHODS[name]
-    from ..methods import METHODS
-    if name in METHODS and name in ("gf-ti",):
-        return BenchMethod(name, "int8", _TokenTrainer)
-    return None
+    return method_bench(name) if name in METHODS else None
 
 
 # ----------------------------------------------------------------------------- building the model
@@ -153,8 +214,9 @@ def _init_param_(mod, name: str, t, generator) -> None:
         t.normal_(0.0, 1.0 / math.sqrt(max(1, math.prod(t.shape[1:]))), generator=generator)
 
 
-def _materialize_(model, generator) -> None:
-    """Replace every parameter still on the meta device with a random CPU one, one at a time."""
+def _materialize_(model, generator, device="cpu", dtype=None) -> None:
+    """Replace every parameter still on the meta device with a random one (drawn on the CPU, then moved
+    to ``device`` / ``dtype``), one at a time."""
     import torch
     from torch import nn
     for mod in model.modules():
@@ -162,69 +224,103 @@ def _materialize_(model, generator) -> None:
             if p is not None and p.is_meta:
                 t = torch.empty(p.shape, dtype=p.dtype)
                 _init_param_(mod, name, t, generator)
-                mod._parameters[name] = nn.Parameter(t, requires_grad=p.requires_grad)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                mod._parameters[name] = nn.Parameter(t.to(device), requires_grad=p.requires_grad)
 
 
-def build_quantized(arch: str, component: str, weights: str, seed: int = 0):
-    """One SD component with random weights, quantized layer by layer: the model is built on the meta
-    device, then each Linear/Conv2d gets a random float weight and is swapped for its quantized twin
-    right away (``quant.quantize_model`` on that layer), so peak memory is the quantized model plus one
-    float layer. ``weights="none"`` gives ``models.arch.build`` (float, random)."""
+def _holder(name: str, layer):
+    """An empty module tree in which ``layer`` sits at its qualified ``name`` (e.g. "mid_block.attentions.0.
+    proj_in"), so a prepare_model that looks at names or types sees the layer as in the whole model."""
+    from torch import nn
+    root = cur = nn.Module()
+    *path, attr = name.split(".")
+    for part in path:
+        cur.add_module(part, nn.Module())
+        cur = getattr(cur, part)
+    cur.add_module(attr, layer)
+    return root
+
+
+def prepare_layer_by_layer(model, prepare: Callable[[Any], None], seed: int = 0, device="cpu", dtype=None):
+    """Materialize a model built on the meta device with random weights, one Linear/Conv2d at a time:
+    each layer gets its float weight (``models.arch``'s init) and goes at once, alone in a holder that
+    keeps its qualified name, through ``prepare`` (a method's ``prepare_model`` for this component), which
+    swaps it for its quantized twin and frees the float weight. Peak: the prepared model plus one float
+    layer. Every ``prepare_model`` of quantdream.methods only swaps layers one by one (``quantize_model``,
+    ``lora.to_nf4``), so this builds the same model as ``prepare`` on the whole float model would (checked
+    on the embedded model in tests/test_bench_memory.py). Other parameters (norms, embeddings) follow."""
     import torch
     from torch import nn
 
     from ..memory import malloc_trim
-    from ..models.arch import build
-    from ..quant import quantize_model
-    if weights == "none":
-        return build(arch, component, seed=seed)
-    model = build(arch, component, init="meta")
     gen = torch.Generator().manual_seed(seed)
-    names = [n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]  # names only: holding
-    for name in names:                                                                  # the modules would keep
-        parent_name, _, attr = name.rpartition(".")                                     # every float weight
-        parent = model.get_submodule(parent_name) if parent_name else model
-        holder = nn.ModuleDict({"layer": getattr(parent, attr).to_empty(device="cpu")})
-        for pname, p in holder["layer"].named_parameters(recurse=False):
+    model.requires_grad_(False).eval()                         # as train.py, before prepare_model
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # names only:
+    for name in names:                                                                         # holding the
+        parent_name, _, attr = name.rpartition(".")                                            # modules would
+        parent = model.get_submodule(parent_name) if parent_name else model                   # keep every
+        layer = getattr(parent, attr).to_empty(device="cpu")                                   # float weight
+        for pname, p in layer.named_parameters(recurse=False):
             with torch.no_grad():
-                _init_param_(holder["layer"], pname, p.data, gen)
-        quantize_model(holder, weights)                      # the float weight is freed here
-        setattr(parent, attr, holder["layer"])
+                _init_param_(layer, pname, p.data, gen)
+        holder = _holder(name, layer.to(device=device, dtype=dtype))
+        del layer
+        prepare(holder)                                        # the float weight is freed here when quantized
+        setattr(parent, attr, holder.get_submodule(name))
+        for k, v in vars(holder).items():                      # what prepare_model records on the model
+            if k.startswith("_quantdream_"):                   # (QLoRA: the Linear backend)
+                setattr(model, k, v)
         del holder
         malloc_trim()  # glibc would otherwise keep the freed float layers and the peak would count them
-    _materialize_(model, gen)
-    return model.eval()
+    _materialize_(model, gen, device, dtype)
+    if torch.device(device).type != "cpu":
+        model.to(device)                                       # buffers (e.g. CLIP's position ids)
+    return model
 
 
-def build_components(spec: BenchSpec, weights: str, device, dtype) -> dict:
-    """tokenizer, text_encoder, vae, unet, scheduler with random weights, quantized as train.py does:
-    UNet at ``weights``; VAE and text encoder int8 whenever the UNet is quantized (ZOODiP's setting)."""
-    import torch
+def _default_prepare(text_encoder, vae, unet, weights: str) -> None:
+    from ..methods.base import Method
+    Method.prepare_model(text_encoder, vae, unet, weights, None)
+
+
+def _component_prepare(prepare: Callable[[Any, Any, Any, str], None], component: str, weights: str):
+    """prepare(text_encoder, vae, unet, weights) applied to ``component`` only (empty stand-ins elsewhere)."""
+    from torch import nn
+
+    def run(module) -> None:
+        parts = {c: module if c == component else nn.Module() for c in ("text_encoder", "vae", "unet")}
+        prepare(parts["text_encoder"], parts["vae"], parts["unet"], weights)
+    return run
+
+
+def build_components(spec: BenchSpec, weights: str, device, dtype,
+                     prepare: Callable[[Any, Any, Any, str], None] | None = None) -> dict:
+    """tokenizer, text_encoder, vae, unet, scheduler with random weights, prepared as train.py does with
+    ``prepare`` (a method's ``prepare_model``; default ``Method.prepare_model``: UNet at ``weights``, VAE
+    and text encoder int8 whenever the UNet is quantized, ZOODiP's setting), but layer by layer from the
+    meta device (:func:`prepare_layer_by_layer`). Components are built in ``dtype`` on ``device`` first,
+    then prepared, as ``load_components`` + ``prepare_model`` in train.py."""
+    from accelerate import init_empty_weights
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
     from ..models import embedded
-    side = "none" if weights == "none" else "int8"
+    from ..models.arch import build
+    prepare = prepare or _default_prepare
     if spec.arch == "tiny":
-        torch.manual_seed(spec.seed)
-        comps = embedded.build_components()
-        from ..quant import quantize_model
-        for m in ("text_encoder", "vae", "unet"):
-            comps[m].requires_grad_(False).eval()
-        quantize_model(comps["unet"], weights)
-        quantize_model(comps["vae"], side)
-        quantize_model(comps["text_encoder"], side)
+        with init_empty_weights(include_buffers=False):     # the embedded model's classes, parameters on meta
+            comps = embedded.build_components()
     else:
-        comps = {"unet": build_quantized(spec.arch, "unet", weights, spec.seed),
-                 "vae": build_quantized(spec.arch, "vae", side, spec.seed + 1),
-                 "text_encoder": build_quantized(spec.arch, "text_encoder", side, spec.seed + 2)}
+        comps = {c: build(spec.arch, c, init="meta") for c in ("unet", "vae", "text_encoder")}
         # token ids only matter as indices into a random table: the embedded model's CLIP-format
         # tokenizer, padded to the architecture's context length (77)
         n_ctx = comps["text_encoder"].config.max_position_embeddings
         comps["tokenizer"] = CLIPTokenizer.from_pretrained(str(embedded.TOKENIZER_DIR), model_max_length=n_ctx)
         comps["scheduler"] = DDPMScheduler(**embedded.SCHEDULER_CONFIG)
-    for m in ("text_encoder", "vae", "unet"):
-        comps[m] = comps[m].requires_grad_(False).eval().to(device=device, dtype=dtype)
+    for i, m in enumerate(("unet", "vae", "text_encoder")):
+        comps[m] = prepare_layer_by_layer(comps[m], _component_prepare(prepare, m, weights), spec.seed + i,
+                                          device, dtype)
     comps["device"], comps["dtype"] = device, dtype
     return comps
 
@@ -272,6 +368,16 @@ def check_spec(spec: BenchSpec) -> None:
         raise ValueError(f"--resolution {spec.resolution} must be a multiple of 8 for {spec.arch}'s autoencoder")
     if spec.arch == "tiny" and spec.resolved_resolution() % 4:
         raise ValueError(f"--resolution {spec.resolution} must be a multiple of 4 for the embedded model's autoencoder")
+    if _implemented(spec.method) is None:
+        close = difflib.get_close_matches(spec.method, METHODS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown method {spec.method!r}{hint} (methods: {', '.join(METHODS)})")
+    if spec.weights and spec.method in METHODS:           # the method's own refusal (train.resolve_weights)
+        from types import SimpleNamespace
+
+        from ..methods import method_class
+        from ..train import resolve_weights
+        resolve_weights(SimpleNamespace(method=spec.method, weights=spec.weights), method_class(spec.method))
 
 
 def measure_in_process(spec: BenchSpec) -> dict:
@@ -284,11 +390,8 @@ def measure_in_process(spec: BenchSpec) -> dict:
     t_start = time.perf_counter()
     check_spec(spec)
     bm = _implemented(spec.method)
-    weights = spec.weights or (bm.default_weights if bm else "none")
+    weights = spec.weights or bm.default_weights
     row = _base_row(spec, weights)
-    if bm is None:
-        return {**row, "status": "not implemented",
-                "note": f"method {spec.method!r} is not in this build yet (issue 5)"}
     if spec.arch not in bm.archs:
         return {**row, "status": "not implemented",
                 "note": f"{spec.method} on {spec.arch} is not supported yet (the scaffold trains SD-1.x/2.x)"}
@@ -298,13 +401,20 @@ def measure_in_process(spec: BenchSpec) -> dict:
         eager = getattr(memory, "return_freed_memory_eagerly", None)
         if eager is None or not eager():
             return {**row, "status": "failed", "note": "--low-memory needs glibc's mallopt (not available here)"}
+    if weights == "nf4":  # train.py would fall back to float Linear layers: not the configuration asked for
+        from ..methods.lora import BNB_HINT, bnb_linear4bit_works
+        why = bnb_linear4bit_works()
+        if why is not None:
+            return {**row, "status": "failed", "note": f"bitsandbytes NF4 Linear4bit does not run here ({why}); "
+                                                       f"{BNB_HINT}"}
     device = torch.device(pick_device(spec.device))
     dtype = resolve_dtype(spec.dtype, device)
     res = spec.resolved_resolution()
     from ..data.dataset import SubjectImages
     with tempfile.TemporaryDirectory(prefix="qd-bench-") as tmp:
-        # ---- setup: model (quantized as the method runs), data encoded once, the method
-        comps = build_components(spec, weights, device, dtype)
+        # ---- setup: model (prepared as the method runs), data encoded once, the method
+        comps = build_components(spec, weights, device, dtype, bm.prepare)
+        comps["workdir"] = Path(tmp)
         data = SubjectImages(_random_images(Path(tmp) / "images", spec.images, res, spec.seed), res)
         data.encode(comps["vae"], float(comps["vae"].config.scaling_factor), device=device, dtype=dtype)
         trainer = bm.setup(comps, data, spec)
@@ -322,8 +432,9 @@ def measure_in_process(spec: BenchSpec) -> dict:
             times.append(time.perf_counter() - t)
         train_peak = memory.peak()
         files = trainer.save(Path(tmp) / "out")
-        storage = sum(Path(f).stat().st_size for f in files)
+        storage = sum(_disk_bytes(f) for f in files)
         passes = trainer.forward_passes()
+        info = trainer.info() if hasattr(trainer, "info") else {}
         final_loss = float(loss) if isinstance(loss, torch.Tensor) else loss
     timed = times[1:] if len(times) > 1 else times          # the first step warms caches up
     whole = max(setup_status.get("vmhwm_mib", 0.0), train_peak.get("vmhwm_mib", 0.0))
@@ -333,7 +444,13 @@ def measure_in_process(spec: BenchSpec) -> dict:
             "storage_bytes": storage, "storage_files": [Path(f).name for f in files],
             "seconds_per_step": sum(timed) / len(timed), "step_seconds": times,
             "unet_forward_passes_per_step": passes / spec.steps, "setup_seconds": setup_seconds,
-            "final_loss": final_loss, "torch": torch.__version__, "git": _git_revision()}
+            "final_loss": final_loss, **info, "torch": torch.__version__, "git": _git_revision()}
+
+
+def _disk_bytes(path) -> int:
+    """Size on disk of a file, or of every file under a folder (DreamBooth's unet/)."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def run_in_subprocess(spec: BenchSpec, timeout: float | None = None, env: dict | None = None) -> dict:

@@ -30,6 +30,7 @@ class TIConfig:
 class TextualInversion(Method):
     name = "ti"
     config_class = TIConfig
+    default_weights = "none"   # the gradient reference, unquantized as in ZOODiP Table 1 (--weights int8 works too)
 
     def __init__(self, objective: DenoisingObjective, theta0: torch.Tensor, config: TIConfig = TIConfig()) -> None:
         super().__init__(objective, theta0, config)

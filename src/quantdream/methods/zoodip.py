@@ -9,9 +9,15 @@
 The clean and the n perturbed tokens run as ONE batch through the text encoder and the UNet, with
 one draw of image, caption, eps and t (common random numbers). No autograd anywhere. Every part is
 switchable for ablations (``sg``, ``puts``, ``normalize``, ``scheme``, ``distribution``).
+
+Beyond the paper (off by default, so ``zoodip`` stays the paper's method):
+    schedule = "cosine"        lr_k = lr * (f + (1 - f) * (1 + cos(pi k / K)) / 2),  f = ``final_lr``
+    subspace_directions = true e_i <- e_i (I - P_nu^T P_nu): perturb only where SG keeps the gradient,
+                               so the finite differences carry no noise from the removed directions
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +46,12 @@ class ZoodipConfig:
     puts: bool = True            # PUTS on/off (off: t ~ U{0, ..., 999})
     t_low: int = 500
     t_high: int = 900
+    schedule: str = "constant"   # constant (paper) | cosine: decays to lr * final_lr at the last step
+    final_lr: float = 0.1        # cosine only: the last step's lr as a fraction of lr
+    subspace_directions: bool = False  # draw e_i inside the SG-kept subspace (needs sg)
+
+
+SCHEDULES = ("constant", "cosine")
 
 
 class Zoodip(Method):
@@ -49,12 +61,29 @@ class Zoodip(Method):
     def __init__(self, objective: DenoisingObjective, theta0: torch.Tensor,
                  config: ZoodipConfig = ZoodipConfig()) -> None:
         super().__init__(objective, theta0, config)
+        if config.schedule not in SCHEDULES:
+            raise ValueError(f"zoodip.schedule = {config.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if config.subspace_directions and not config.sg:
+            raise ValueError("zoodip.subspace_directions = true needs zoodip.sg = true (the subspace comes from SG)")
         objective.set_timesteps(puts(config.t_low, config.t_high) if config.puts
                                 else uniform(objective.num_train_timesteps))
         self.estimator = RandomGradientEstimator(n=config.n, mu=config.mu, scheme=config.scheme,
                                                  distribution=config.distribution, normalize=config.normalize)
         self.adam = ZOAdam(lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps)
         self.sg = SubspaceGradient(self.theta.numel(), tau=config.tau, nu=config.nu) if config.sg else None
+        self.total_steps = 0  # set by setup(); the cosine schedule needs it
+
+    def setup(self, ctx) -> None:
+        self.total_steps = ctx.steps
+
+    @property
+    def lr(self) -> float:
+        """The step size of the next step (the schedule's value at step k = steps done so far)."""
+        c = self.config
+        if c.schedule == "constant" or self.total_steps <= 1:
+            return float(c.lr)
+        p = min(1.0, self.adam.k / (self.total_steps - 1))
+        return float(c.lr * (c.final_lr + (1 - c.final_lr) * 0.5 * (1 + math.cos(math.pi * p))))
 
     @property
     def d_eff(self) -> int:
@@ -63,11 +92,14 @@ class Zoodip(Method):
     @torch.no_grad()
     def step(self, batch, streams: Streams) -> torch.Tensor:
         e = self.estimator.directions(self.theta.shape, streams.directions)     # (n, V, d)
+        if self.config.subspace_directions:
+            e = torch.stack([self.sg.project(e_i) for e_i in e])              # e_i (I - P^T P)
         candidates = self.estimator.candidates(self.theta, e)                  # (n+1, V, d)
         losses = self.objective(candidates, batch, streams.noise)              # one batch, CRN
         g = self.estimator.estimate(losses, e, self.d_eff)
         if self.sg is not None:
             g = self.sg.project(g)
+        self.adam.lr = self.lr
         self.adam.step(self.theta, g)
         if self.sg is not None:
             self.sg.push(self.theta)

@@ -1,0 +1,279 @@
+"""The method comparison of issue 5 over every example subject. Prints ONE JSON object.
+
+    python benchmarks/comparison.py                                   # all subjects, all methods, sd15 memory
+    python benchmarks/comparison.py --subjects teal_bag,olive_coat --methods zoodip,ti,gf-ti
+    python benchmarks/comparison.py ... --resume                      # after an interruption
+    python benchmarks/comparison.py --subjects teal_bag --methods zoodip,ti --steps 2 --memory-arch tiny \\
+        --model /path/to/tiny-sd --images-per-prompt 1 --eval-steps 2     # a smoke run
+
+For each subject, ``quantdream compare`` (OUT/<subject>/: runs, evaluation, report) with each method's own
+default number of steps (train.EMBEDDED_DEFAULTS / SD_DEFAULTS) unless --steps / --method-steps say
+otherwise; then ``bench memory`` once on --memory-arch (random weights, one fresh subprocess per method:
+memory does not depend on the subject). Output: per method, the mean over subjects of the Table-1
+columns, the memory rows, and the bars:
+
+    memory_ordering          dreambooth > {ti, peqa, tuneqdm*, lora, qlora} > {zoodip, gf-ti} (training memory)
+    zoodip_vs_dreambooth     dreambooth / zoodip training memory, bar >= 8.2 (ZOODiP: "up to 8.2x")
+    storage                  output size per method (runs and bench)
+    gfti_below_zoodip        GF-TI below ZOODiP in subject fidelity at an equal UNet forward-pass budget
+    tuneqdm_s2_vs_peqa       TuneQDM S2 prompt accuracy against PEQA's
+
+Also writes OUT/report.md, OUT/report.json and OUT/figure1.png for the means (eval.report).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBJECTS_DIR = ROOT / "examples" / "subjects"
+
+# ZOODiP Table 1 / Figure 1 memory order: full fine-tuning > gradient PEFT and TI > forward-only methods
+MEMORY_TOP = ("dreambooth",)
+MEMORY_MIDDLE = ("ti", "peqa", "tuneqdm", "tuneqdm-s1", "tuneqdm-s2", "lora", "qlora")
+MEMORY_BOTTOM = ("zoodip", "gf-ti")
+ZOODIP_RATIO_BAR = 8.2
+BUDGET_TOLERANCE = 0.1   # "equal forward-pass budget": within 10%
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--subjects", default="", help="comma-separated subject names under examples/subjects (default: all)")
+    a("--subjects-dir", dest="subjects_dir", default=str(SUBJECTS_DIR), help="where the subjects are")
+    a("--methods", default="all", help="comma-separated methods or all (default)")
+    a("--model", default="tiny", help="tiny (the embedded model, default) or a local Stable Diffusion folder")
+    a("--steps", type=int, default=0, help="steps of every method (default: each method's own default)")
+    a("--method-steps", dest="method_steps", default="", help="per method, e.g. zoodip=1500,gf-ti=225")
+    a("--method-weights", dest="method_weights", default="",
+      help="frozen-model quantization per method, e.g. zoodip=int4 (default: each method's own; ti unquantized)")
+    a("--memory-arch", dest="memory_arch", default="sd15", choices=["tiny", "sd15", "sd21", "sdxl", "none"],
+      help="architecture of the memory rows (default sd15; none: skip)")
+    a("--memory-steps", dest="memory_steps", type=int, default=2)
+    a("--memory-resolution", dest="memory_resolution", type=int, default=0, help="default: native (512 on sd15)")
+    a("--memory-timeout", dest="memory_timeout", type=float, default=0)
+    a("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
+    a("--prompts", help="prompt kinds (default all)")
+    a("--eval-steps", dest="eval_steps", type=int, default=0)
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=0)
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--evaluator", help="world evaluator folder (default: the packaged one)")
+    a("--clip", help="local transformers CLIP folder (real CLIP-I / CLIP-T)")
+    a("--dino", help="local transformers DINOv2 folder (real DINO)")
+    a("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
+    a("--out", default=str(ROOT / "runs" / "comparison"), help="output folder (default runs/comparison)")
+    a("--resume", action="store_true", help="continue an interrupted benchmark in --out")
+    return ap.parse_args(argv)
+
+
+def subject_dirs(a) -> list[Path]:
+    root = Path(a.subjects_dir)
+    if a.subjects:
+        names = [s.strip() for s in a.subjects.split(",") if s.strip()]
+        missing = [n for n in names if not (root / n / "subject.json").is_file()]
+        if missing:
+            known = sorted(p.name for p in root.iterdir() if (p / "subject.json").is_file()) if root.is_dir() else []
+            raise ValueError(f"--subjects: no subject {', '.join(missing)} in {root} (there: {', '.join(known)})")
+        return [root / n for n in names]
+    dirs = sorted(p for p in root.iterdir() if (p / "subject.json").is_file()) if root.is_dir() else []
+    if not dirs:
+        raise ValueError(f"no subjects (folders with subject.json) in {root}")
+    return dirs
+
+
+def compare_argv(a, subject: Path, out: Path) -> list[str]:
+    argv = ["compare", "--subject", str(subject), "--methods", a.methods, "--out", str(out), "--model", a.model,
+            "--seed", str(a.seed), "--images-per-prompt", str(a.images_per_prompt), "--memory-arch", "none",
+            "--device", a.device]
+    for flag, value in (("--steps", a.steps), ("--method-steps", a.method_steps),
+                        ("--method-weights", a.method_weights), ("--prompts", a.prompts),
+                        ("--eval-steps", a.eval_steps), ("--threads", a.threads), ("--evaluator", a.evaluator),
+                        ("--clip", a.clip), ("--dino", a.dino)):
+        if value:
+            argv += [flag, str(value)]
+    for s in a.assignments:
+        argv += ["--set", s]
+    return argv + (["--resume"] if a.resume else [])
+
+
+def measure_memory(a, methods: list[str], out: Path) -> dict | None:
+    from quantdream.bench.memory import WEIGHTS, BenchSpec, bench_memory, memory_markdown
+    from quantdream.cli.compare import parse_method_weights
+    if a.memory_arch == "none":
+        return None
+    weights = parse_method_weights(a.method_weights, methods)     # as the runs train ("": the method's default)
+    specs = [BenchSpec(arch=a.memory_arch, method=m, resolution=a.memory_resolution, steps=a.memory_steps,
+                       seed=a.seed, threads=a.threads, device=a.device,
+                       weights=weights.get(m) if weights.get(m) in WEIGHTS else "") for m in methods]
+    want = [dataclasses.asdict(s) for s in specs]
+    path = out / f"memory-{a.memory_arch}" / "memory.json"
+    if a.resume and path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("specs") == want and all(r.get("status") != "failed" for r in old.get("rows", [])):
+            return old
+    print(f"comparison: memory of {len(specs)} methods on {a.memory_arch}", file=sys.stderr, flush=True)
+    result = bench_memory(specs, timeout=a.memory_timeout or None)
+    result["specs"] = want
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    (path.parent / "memory.md").write_text(memory_markdown(result))
+    return result
+
+
+# ----------------------------------------------------------------------------- bars
+def memory_ordering(mem: dict[str, float]) -> dict:
+    """Every pair (higher group, lower group) among the measured methods; pass only when all are measured."""
+    pairs = ([(h, m) for h in MEMORY_TOP for m in MEMORY_MIDDLE]
+             + [(m, b) for m in MEMORY_MIDDLE for b in MEMORY_BOTTOM]
+             + [(h, b) for h in MEMORY_TOP for b in MEMORY_BOTTOM])
+    checked = [(hi, lo) for hi, lo in pairs if mem.get(hi) is not None and mem.get(lo) is not None]
+    violations = [f"{hi} ({mem[hi]:.0f} MiB) <= {lo} ({mem[lo]:.0f} MiB)"
+                  for hi, lo in checked if not mem[hi] > mem[lo]]
+    missing = [m for m in MEMORY_TOP + MEMORY_MIDDLE + MEMORY_BOTTOM if mem.get(m) is None]
+    return {"pass": False if violations else (None if missing or not checked else True),
+            "pairs_checked": len(checked), "violations": violations, "not_measured": missing,
+            "order_high_to_low": [m for m, _ in sorted(((m, v) for m, v in mem.items() if v is not None),
+                                                       key=lambda x: -x[1])]}
+
+
+def zoodip_vs_dreambooth(mem: dict[str, float], whole: dict[str, float]) -> dict:
+    z, d = mem.get("zoodip"), mem.get("dreambooth")
+    out = {"bar": ZOODIP_RATIO_BAR, "zoodip_mib": z, "dreambooth_mib": d,
+           "ratio": d / z if z and d else None}
+    out["pass"] = None if out["ratio"] is None else out["ratio"] >= ZOODIP_RATIO_BAR
+    if whole.get("zoodip") and whole.get("dreambooth"):
+        out["whole_process_ratio"] = whole["dreambooth"] / whole["zoodip"]
+    return out
+
+
+def per_subject(tables: dict[str, list[dict]], method: str, key: str) -> dict[str, float]:
+    return {s: r[key] for s, rows in tables.items() for r in rows
+            if r["method"] == method and r.get("status") == "ok" and r.get(key) is not None}
+
+
+def gfti_below_zoodip(means: dict[str, dict], tables: dict[str, list[dict]], fid: str | None) -> dict:
+    z, g = means.get("zoodip"), means.get("gf-ti")
+    out = {"metric": fid}
+    if not z or not g or fid is None or z.get(fid) is None or g.get(fid) is None:
+        return {**out, "pass": None, "note": "needs finished zoodip and gf-ti runs with a subject-fidelity metric"}
+    zp, gp = z.get("unet_forward_passes"), g.get("unet_forward_passes")
+    ratio = gp / zp if zp and gp else None
+    equal = ratio is not None and abs(ratio - 1) <= BUDGET_TOLERANCE
+    zs, gs = per_subject(tables, "zoodip", fid), per_subject(tables, "gf-ti", fid)
+    below = g[fid] < z[fid]
+    out.update(zoodip=z[fid], gf_ti=g[fid], zoodip_forward_passes=zp, gf_ti_forward_passes=gp,
+               budget_ratio=ratio, equal_budget=equal, gf_ti_below=below,
+               subjects_gf_ti_below=sum(gs[s] < zs[s] for s in zs if s in gs), subjects=len(set(zs) & set(gs)))
+    out["pass"] = below if equal else None
+    if not equal:
+        out["note"] = (f"forward-pass budgets differ (gf-ti / zoodip = {ratio:.2f}); give --method-steps so that both "
+                       f"spend the same UNet passes (the defaults do: 1,500 x 3 = 225 x 20)")
+    return out
+
+
+def tuneqdm_s2_vs_peqa(means: dict[str, dict], tables: dict[str, list[dict]]) -> dict:
+    t, p = means.get("tuneqdm-s2"), means.get("peqa")
+    if not t or not p or t.get("prompt_accuracy") is None or p.get("prompt_accuracy") is None:
+        return {"pass": None, "note": "needs finished tuneqdm-s2 and peqa runs with prompt accuracy"}
+    ts, ps = per_subject(tables, "tuneqdm-s2", "prompt_accuracy"), per_subject(tables, "peqa", "prompt_accuracy")
+    return {"tuneqdm_s2": t["prompt_accuracy"], "peqa": p["prompt_accuracy"],
+            "difference": t["prompt_accuracy"] - p["prompt_accuracy"],
+            "tuneqdm_s2_ge_peqa": t["prompt_accuracy"] >= p["prompt_accuracy"],
+            "subjects_tuneqdm_s2_ge_peqa": sum(ts[s] >= ps[s] for s in ts if s in ps),
+            "subjects": len(set(ts) & set(ps)), "pass": t["prompt_accuracy"] >= p["prompt_accuracy"]}
+
+
+# ----------------------------------------------------------------------------- main
+COLUMNS = ["subjects", "status", "note", "weights", "gradient_free", "steps", "unet_forward_passes", "seconds",
+           "storage_bytes", "run_peak_mib", "memory_mib", "memory_whole_process_mib", "memory_storage_bytes",
+           "memory_status", "memory_note", "clip_t", "clip_i", "dino", "world_clip_t", "world_clip_i", "effnet",
+           "prompt_accuracy", "prompt_accuracy_context", "prompt_accuracy_property", "prompt_accuracy_composition"]
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    from quantdream.checkpoint import atomic_json, atomic_write
+    from quantdream.cli.compare import parse_methods
+    from quantdream.cli.main import main as cli
+    from quantdream.eval import report as rep
+    try:
+        subjects = subject_dirs(a)
+        methods = parse_methods(a.methods)
+    except ValueError as e:
+        print(json.dumps({"error": str(e)}))
+        return 2
+    out = Path(a.out)
+    reports, tables, failed_subjects = {}, {}, {}
+    for i, subject in enumerate(subjects, 1):
+        print(f"comparison: subject {i}/{len(subjects)}: {subject.name}", file=sys.stderr, flush=True)
+        with contextlib.redirect_stdout(sys.stderr):           # stdout carries only the JSON object
+            rc = cli(compare_argv(a, subject, out / subject.name))
+        if rc == 130:
+            print(json.dumps({"error": f"interrupted during {subject.name}; rerun with --resume"}))
+            return 130
+        report_path = out / subject.name / "report.json"
+        if rc == 2 or not report_path.is_file():
+            failed_subjects[subject.name] = f"compare exited with {rc} (see stderr)"
+            if rc == 2:                                            # bad input: every subject would fail alike
+                print(json.dumps({"error": f"compare refused {subject.name}'s settings (see stderr)"}))
+                return 2
+            continue
+        report = json.loads(report_path.read_text())
+        tables[subject.name] = report["rows"]
+        reports[subject.name] = str(out / subject.name / "report.md")
+
+    memory = measure_memory(a, methods, out)
+    rows = rep.mean_rows(list(tables.values()))
+    if memory:
+        rows = rep.add_memory(rows, memory)
+    means = {r["method"]: {k: r.get(k) for k in COLUMNS} for r in rows}
+    mem = {r["method"]: r.get("memory_mib") for r in rows}
+    whole = {r["method"]: r.get("memory_whole_process_mib") for r in rows}
+    fid = rep.fidelity_key(rows)
+    bars = {
+        "memory_ordering": memory_ordering(mem),
+        "zoodip_vs_dreambooth": zoodip_vs_dreambooth(mem, whole),
+        "storage": {r["method"]: {"run_bytes_mean": r.get("storage_bytes"),
+                                  "bench_bytes": r.get("memory_storage_bytes")} for r in rows},
+        "gfti_below_zoodip": gfti_below_zoodip(means, tables, fid),
+        "tuneqdm_s2_vs_peqa": tuneqdm_s2_vs_peqa(means, tables),
+    }
+    # the mean report beside the per-subject ones
+    out.mkdir(parents=True, exist_ok=True)
+    fig = rep.figure1(rows, out / "figure1.png", title=f"mean over {len(tables)} subjects: training memory vs "
+                                                         f"subject fidelity (ZOODiP Fig. 1)")
+    settings = {"model": a.model, "methods": methods, "subjects": list(tables), "seed": a.seed,
+                "images_per_prompt": a.images_per_prompt, "memory_arch": a.memory_arch, "memory_steps": a.memory_steps}
+    summary = rep.build_report(rows, subject={"name": f"mean over {len(tables)} subjects", "class_word": "various"},
+                               settings=settings, memory=memory, figure=fig,
+                               notes=[f"per-subject reports: {', '.join(reports.values())}"])
+    atomic_json(out / "report.json", {**summary, "bars": bars})
+    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(rep.report_markdown(summary)))
+    result = {
+        "benchmark": "comparison", "model": a.model, "subjects": list(tables), "failed_subjects": failed_subjects,
+        "methods": methods, "fidelity_metric": fid,
+        "steps": {m: means[m]["steps"] for m in means},
+        "means": means,
+        "memory": None if memory is None else {
+            "arch": a.memory_arch, "summary": memory.get("summary"),
+            "rows": {r["method"]: {"status": r["status"], "weights": r.get("weights"), "note": r.get("note"),
+                                   "training_peak": r.get("training_peak"),
+                                   "whole_process_peak_mib": r.get("whole_process_peak_mib"),
+                                   "storage_bytes": r.get("storage_bytes"),
+                                   "seconds_per_step": r.get("seconds_per_step"),
+                                   "unet_forward_passes_per_step": r.get("unet_forward_passes_per_step")}
+                     for r in memory["rows"]}},
+        "bars": bars,
+        "report": str(out / "report.md"), "subject_reports": reports,
+    }
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Bars of the personalization core (issue 4) on the embedded model. Prints one JSON object.
+
+    python benchmarks/personalization.py                           # every example subject (hours on 2 cores)
+    python benchmarks/personalization.py --subjects teal_bag,olive_coat --out out/bench_personalization
+    python benchmarks/personalization.py ... --variants zoodip,ti  # a subset; rerun to resume
+
+For each subject (same seeds for every variant): trains every variant below with ``quantdream personalize``,
+then scores all of them, plus the init word with no personalization (the floor), with ``quantdream
+evaluate``'s protocol (world CLIP-I / CLIP-T, EfficientNet-Lite0 similarity, prompt accuracy). Finished runs
+and evaluations are kept under --out, so an interrupted benchmark continues where it stopped.
+
+Variants:
+    ti                      textual inversion, fp32 model, backpropagation (the gradient reference)
+    zoodip                  the paper's ZOODiP on int8 weights (SG + PUTS)
+    zoodip-no-sg, zoodip-no-puts, zoodip-no-sg-no-puts           the paper's ablation (Table 3 / Fig. 6)
+    budget-*                candidates for the improved variant, each given at most 1/3 of zoodip's UNet
+                            forward passes (--budget-fraction): bigger step + cosine decay, directions
+                            inside the SG subspace, antithetic pairs, more directions per step
+
+Bars (issue 4): zoodip's world CLIP-I and EffNet >= 0.97 x ti's and above the floor; zoodip's prompt accuracy
+and world CLIP-T >= ti's - 0.02; the best budget-* variant reaches zoodip's final world CLIP-I.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS = ("world_clip_i", "effnet", "world_clip_t", "prompt_accuracy")
+
+
+def variants(zoodip_steps: int, zoodip_lr: float, fraction: float, ti_steps: int = 0) -> dict[str, tuple[str, dict, int]]:
+    """name -> (method, method settings, steps). zoodip uses 3 UNet passes a step (n = 2, forward)."""
+    passes = 3 * zoodip_steps * fraction           # the budget of every budget-* variant
+    fast = {"lr": 3 * zoodip_lr, "schedule": "cosine"}
+    return {
+        "ti": ("ti", {}, ti_steps),
+        "zoodip": ("zoodip", {}, zoodip_steps),
+        "zoodip-no-sg": ("zoodip", {"sg": False}, zoodip_steps),
+        "zoodip-no-puts": ("zoodip", {"puts": False}, zoodip_steps),
+        "zoodip-no-sg-no-puts": ("zoodip", {"sg": False, "puts": False}, zoodip_steps),
+        "budget-paper": ("zoodip", {}, int(passes // 3)),                      # the paper's method, cut short
+        "budget-cosine": ("zoodip", fast, int(passes // 3)),
+        "budget-cosine-subspace": ("zoodip", {**fast, "subspace_directions": True}, int(passes // 3)),
+        "budget-cosine-antithetic": ("zoodip", {**fast, "scheme": "central"}, int(passes // 4)),
+        "budget-cosine-n8": ("zoodip", {**fast, "n": 8}, int(passes // 9)),
+    }
+
+
+def train(subject: Path, name: str, method: str, section: dict, steps: int, out: Path, seed: int,
+          threads: int, model: str) -> Path:
+    """One personalize run into ``out``; a finished run is kept, an interrupted one resumed."""
+    from quantdream.methods import section_name
+    from quantdream.train import build_config, personalize
+    from quantdream.world.subjects import load_subject
+    if (out / "run.json").is_file():
+        return out
+    resume = (out / "checkpoint.pt").is_file()
+    if out.exists() and not resume:
+        shutil.rmtree(out)                          # died before its first checkpoint
+    subj = load_subject(subject)
+    overrides = {"images": str(subject), "token": f"<{subject.name}>", "init_word": subj["class_word"],
+                 "out": str(out), "model": model, "method": method, "seed": seed, "threads": threads, "sample_every": 0,
+                 "resume": resume, section_name(method): section}
+    if steps:
+        overrides["steps"] = steps
+    t = time.perf_counter()
+    res = personalize(build_config(overrides=overrides))
+    if not res.completed:
+        raise KeyboardInterrupt
+    print(f"  trained {name} on {subject.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return out
+
+
+def evaluate(runs: dict[str, Path], out: Path, settings, evaluator: str | None) -> dict:
+    """``quantdream evaluate --baseline`` over one subject's runs; reused when it already covers them."""
+    import dataclasses
+
+    from quantdream.eval.protocol import evaluate_runs
+    f = out / "metrics.json"
+    if f.is_file():
+        m = json.loads(f.read_text())
+        same = json.loads(json.dumps({**dataclasses.asdict(settings), "kinds": list(settings.kinds or []) or None}))
+        if {r["run_dir"] for r in m["rows"] if r["run_dir"]} == {str(p) for p in runs.values()} and \
+                m["settings"] == same:
+            return m
+        shutil.rmtree(out)
+    return evaluate_runs(list(runs.values()), out, evaluator_dir=evaluator, settings=settings)
+
+
+def mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", default="", help="comma-separated names under examples/subjects (default all)")
+    ap.add_argument("--variants", default="", help="comma-separated variants (default all; see above)")
+    ap.add_argument("--zoodip-steps", dest="zoodip_steps", type=int, default=0,
+                    help="zoodip's steps (default: personalize's embedded-model default)")
+    ap.add_argument("--ti-steps", dest="ti_steps", type=int, default=0,
+                    help="textual inversion's steps (default: personalize's embedded-model default)")
+    ap.add_argument("--budget-fraction", dest="budget_fraction", type=float, default=1 / 3,
+                    help="forward-pass budget of the budget-* variants as a fraction of zoodip's (default 1/3)")
+    ap.add_argument("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
+    ap.add_argument("--prompts", default=None, help="prompt kinds: context,property,composition (default all)")
+    ap.add_argument("--eval-steps", dest="eval_steps", type=int, default=0,
+                    help="DDIM steps of the evaluation images (default: the model's, 25 on the embedded model)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="tiny", help="tiny (the embedded model, default) or a diffusers folder")
+    ap.add_argument("--evaluator", default=None, help="world evaluator folder (default: the packaged one)")
+    ap.add_argument("--out", default="out/bench_personalization")
+    a = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(a.threads)
+    from quantdream.eval.protocol import EvalSettings, parse_kinds
+    from quantdream.train import EMBEDDED_DEFAULTS
+    settings = EvalSettings(images_per_prompt=a.images_per_prompt, kinds=parse_kinds(a.prompts), seed=a.seed,
+                            steps=a.eval_steps, baseline=True)
+    z = EMBEDDED_DEFAULTS["zoodip"]
+    table = variants(a.zoodip_steps or z["steps"], z["section"]["lr"], a.budget_fraction, a.ti_steps)
+    chosen = [v for v in a.variants.split(",") if v] or list(table)
+    unknown = [v for v in chosen if v not in table]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(table)}")
+    names = [s for s in a.subjects.split(",") if s] or sorted(
+        d.name for d in (ROOT / "examples" / "subjects").iterdir() if (d / "subject.json").is_file())
+    out = Path(a.out).resolve()
+    rows: list[dict] = []
+    for name in names:
+        subject = ROOT / "examples" / "subjects" / name
+        if not (subject / "subject.json").is_file():
+            raise SystemExit(f"no subject {name!r} under examples/subjects")
+        runs = {v: train(subject, v, *table[v], out / "runs" / name / v, a.seed, a.threads, a.model)
+                for v in chosen}
+        m = evaluate(runs, out / "eval" / name, settings, a.evaluator)
+        by_dir = {str(p): v for v, p in runs.items()}
+        for r in m["rows"]:
+            v = by_dir.get(r["run_dir"], f"floor ({r['weights']})")   # the init word, no personalization
+            info = json.loads((Path(r["run_dir"]) / "run.json").read_text()) if r["run_dir"] else {}
+            rows.append({"variant": v, "subject": name, **{k: r["metrics"].get(k) for k in METRICS},
+                         "unet_forward_passes": info.get("unet_forward_passes"), "seconds": info.get("seconds"),
+                         "steps": info.get("steps"), "weights": info.get("weights")})
+    res: dict = {"subjects": names, "seed": a.seed, "threads": a.threads, "images_per_prompt": a.images_per_prompt,
+                 "variants": {}}
+    for v in sorted({r["variant"] for r in rows if r["variant"].startswith("floor")}) + chosen:
+        rs = [r for r in rows if r["variant"] == v]
+        res["variants"][v] = {k: mean([r[k] for r in rs]) for k in METRICS + ("unet_forward_passes", "seconds", "steps")}
+        if rs and v in table:
+            res["variants"][v].update(method=table[v][0], settings=table[v][1], weights=rs[0]["weights"])
+    res["per_subject"] = rows
+    V = res["variants"]
+    bars: dict = {}
+    if "zoodip" in V and "ti" in V:
+        zd, ti, fl = V["zoodip"], V["ti"], V.get(f"floor ({V['zoodip'].get('weights')})", {})
+        for k in ("world_clip_i", "effnet"):
+            bars[f"zoodip_{k}_ratio_to_ti"] = zd[k] / ti[k] if zd[k] and ti[k] else None
+            bars[f"zoodip_{k}_ratio_to_ti>=0.97"] = bars[f"zoodip_{k}_ratio_to_ti"] is not None and \
+                bars[f"zoodip_{k}_ratio_to_ti"] >= 0.97
+            bars[f"zoodip_{k}_minus_floor"] = zd[k] - fl[k] if zd[k] is not None and fl.get(k) is not None else None
+        for k in ("prompt_accuracy", "world_clip_t"):
+            bars[f"zoodip_{k}_minus_ti"] = zd[k] - ti[k] if zd[k] is not None and ti[k] is not None else None
+            bars[f"zoodip_{k}>=ti-0.02"] = bars[f"zoodip_{k}_minus_ti"] is not None and bars[f"zoodip_{k}_minus_ti"] >= -0.02
+        bars["main_job_zoodip_train_seconds"] = zd["seconds"]
+    budget = {v: V[v] for v in chosen if v.startswith("budget-")}
+    if "zoodip" in V and budget:
+        best = max(budget, key=lambda v: budget[v]["world_clip_i"] or -1)
+        bars["best_budget_variant"] = best
+        bars["best_budget_world_clip_i"] = budget[best]["world_clip_i"]
+        bars["zoodip_final_world_clip_i"] = V["zoodip"]["world_clip_i"]
+        bars["best_budget_passes_fraction"] = budget[best]["unet_forward_passes"] / V["zoodip"]["unet_forward_passes"]
+        bars["best_budget_reaches_zoodip"] = budget[best]["world_clip_i"] >= V["zoodip"]["world_clip_i"]
+    res["ablation"] = {v: {k: V[v][k] for k in ("world_clip_i", "effnet", "world_clip_t", "prompt_accuracy")}
+                       for v in ("zoodip", "zoodip-no-sg", "zoodip-no-puts", "zoodip-no-sg-no-puts") if v in V}
+    res["bars"] = bars
+    print(json.dumps(res, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

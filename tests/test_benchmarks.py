@@ -1,0 +1,74 @@
+"""The benchmark scripts' plumbing on a random tiny model and a random world evaluator (their numbers
+are meaningless here; the benchmarks themselves run on the trained embedded model)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+    from quantdream.models.embedded import build_components
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-sd"
+    StableDiffusionPipeline(**build_components(), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_evaluator(tmp_path_factory):
+    from quantdream.eval.io import export_weights
+    from quantdream.eval.reader import AttributeReader, ReaderConfig
+    from quantdream.eval.worldclip import WorldClip, WorldClipConfig
+    d = tmp_path_factory.mktemp("evaluator")
+    torch.manual_seed(0)
+    export_weights(AttributeReader(ReaderConfig()), ReaderConfig().to_dict(), d, "reader")
+    export_weights(WorldClip(WorldClipConfig()), WorldClipConfig().to_dict(), d, "clip")
+    return d
+
+
+def test_budget_variants_stay_within_the_budget():
+    table = load_script("personalization").variants(1500, 1e-2, 1 / 3)
+    assert table["zoodip"] == ("zoodip", {}, 1500)
+    per_step = {"budget-paper": 3, "budget-cosine": 3, "budget-cosine-subspace": 3, "budget-cosine-antithetic": 4,
+                "budget-cosine-n8": 9}
+    for name, passes in per_step.items():
+        method, section, steps = table[name]
+        assert method == "zoodip" and 0 < steps * passes <= 1500, name
+    assert table["budget-cosine-n8"][1]["n"] == 8 and table["budget-cosine-antithetic"][1]["scheme"] == "central"
+
+
+@pytest.mark.slow
+def test_personalization_benchmark_end_to_end_and_resume(tiny_model, random_evaluator, tmp_path, capsys):
+    bench = load_script("personalization")
+    argv = ["--subjects", "teal_bag", "--variants", "zoodip,ti,budget-cosine", "--zoodip-steps", "6", "--ti-steps", "3",
+            "--images-per-prompt", "1", "--prompts", "composition", "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model),
+            "--evaluator", str(random_evaluator), "--out", str(tmp_path / "b")]
+    assert bench.main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    V = res["variants"]
+    assert V["zoodip"]["unet_forward_passes"] == 18 and V["budget-cosine"]["unet_forward_passes"] == 6
+    assert V["zoodip"]["weights"] == "int8" and V["ti"]["weights"] == "none"
+    assert {"floor (int8)", "floor (none)"} <= set(V)
+    for k in ("world_clip_i", "effnet", "world_clip_t", "prompt_accuracy"):
+        assert isinstance(V["zoodip"][k], float)
+    b = res["bars"]
+    assert b["best_budget_variant"] == "budget-cosine" and b["best_budget_passes_fraction"] == pytest.approx(1 / 3)
+    assert "zoodip_world_clip_i_ratio_to_ti>=0.97" in b and "zoodip_prompt_accuracy>=ti-0.02" in b
+    stamp = (tmp_path / "b" / "runs" / "teal_bag" / "zoodip" / "run.json").stat().st_mtime_ns
+    assert bench.main(argv) == 0                       # a rerun keeps the finished runs and evaluation
+    assert (tmp_path / "b" / "runs" / "teal_bag" / "zoodip" / "run.json").stat().st_mtime_ns == stamp
+    assert json.loads(capsys.readouterr().out)["variants"] == V

@@ -1,0 +1,96 @@
+"""ZOODiP's beyond-the-paper switches on a toy objective: the cosine step-size schedule and
+directions drawn inside the Subspace Gradient's kept subspace. Defaults must stay the paper's."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from quantdream.methods.base import Streams
+from quantdream.methods.zoodip import Zoodip, ZoodipConfig
+
+D = 24
+
+
+class Quadratic:
+    """Stands in for DenoisingObjective: L(theta) = 0.5 |theta - target|^2, batched over candidates."""
+
+    num_train_timesteps = 1000
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.target = torch.randn(1, D, generator=torch.Generator().manual_seed(0))
+        self.seen = []
+
+    def set_timesteps(self, sampler):
+        pass
+
+    def __call__(self, candidates, batch, generator):
+        self.seen.append(candidates.clone())
+        return 0.5 * (candidates - self.target).pow(2).flatten(1).sum(1)
+
+
+def make(**kw):
+    obj = Quadratic()
+    m = Zoodip(obj, torch.zeros(1, D), ZoodipConfig(**kw))
+    m.setup(SimpleNamespace(steps=kw.pop("_steps", 50)))
+    return m, obj
+
+
+def run(m, steps):
+    streams = Streams.from_seed(0)
+    for _ in range(steps):
+        m.step(None, streams)
+
+
+def test_defaults_are_the_papers():
+    c = ZoodipConfig()
+    assert (c.schedule, c.subspace_directions) == ("constant", False)
+    m, _ = make()
+    run(m, 5)
+    assert m.lr == c.lr and m.adam.lr == c.lr
+
+
+def test_cosine_schedule_starts_at_lr_and_ends_at_final_fraction():
+    m, _ = make(lr=0.1, schedule="cosine", final_lr=0.2, tau=4)
+    assert m.lr == pytest.approx(0.1)
+    run(m, 25)
+    mid = 0.1 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 25 / 49)))
+    assert m.lr == pytest.approx(mid)
+    run(m, 24)
+    assert m.lr == pytest.approx(0.02)            # the 50th (last) step runs at lr * final_lr
+
+
+def test_schedule_resumes_from_the_adam_step_count():
+    a, _ = make(lr=0.1, schedule="cosine", tau=4)
+    run(a, 10)
+    b, _ = make(lr=0.1, schedule="cosine", tau=4)
+    b.load_state_dict(a.state_dict())
+    assert b.lr == a.lr and b.adam.k == 10
+
+
+def test_subspace_directions_are_orthogonal_to_the_removed_directions():
+    m, obj = make(lr=0.05, tau=8, nu=0.2, subspace_directions=True)
+    run(m, 8)                                     # the 8th push builds P_nu
+    P = m.sg.P
+    assert P is not None and P.shape[0] > 0
+    obj.seen.clear()
+    run(m, 3)
+    for cand in obj.seen:
+        e = (cand[1:] - cand[:1]).reshape(len(cand) - 1, -1)   # mu * e_i
+        assert (e @ P.T).abs().max() < 1e-4 * e.abs().max()   # float32 rounding of theta + mu e
+        assert e.abs().max() > 0
+
+
+def test_subspace_directions_still_minimise():
+    m, obj = make(lr=0.05, tau=8, subspace_directions=True, schedule="cosine", n=4)
+    start = float(obj(m.theta[None], None, None))
+    run(m, 50)
+    assert float(obj(m.theta[None], None, None)) < 0.5 * start
+
+
+@pytest.mark.parametrize("kw,match", [({"schedule": "linear"}, "zoodip.schedule = 'linear'"),
+                                      ({"subspace_directions": True, "sg": False}, "needs zoodip.sg = true")])
+def test_bad_settings_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kw)
