@@ -24,3 +24,33 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A diffusers folder of the embedded model's architecture with random weights (seeded), built once per
+    session; tests read it and never write into it."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from quantdream.models.embedded import build_components
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-sd"
+    StableDiffusionPipeline(**build_components(), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_evaluator(tmp_path_factory):
+    """World evaluator networks with random weights (plumbing tests do not depend on the trained ones)."""
+    import torch
+
+    from quantdream.eval.io import export_weights
+    from quantdream.eval.reader import AttributeReader, ReaderConfig
+    from quantdream.eval.worldclip import WorldClip, WorldClipConfig
+    d = tmp_path_factory.mktemp("evaluator")
+    torch.manual_seed(0)
+    export_weights(AttributeReader(ReaderConfig()), ReaderConfig().to_dict(), d, "reader")
+    export_weights(WorldClip(WorldClipConfig()), WorldClipConfig().to_dict(), d, "clip")
+    return d

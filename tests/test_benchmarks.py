@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,29 +14,6 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-    from quantdream.models.embedded import build_components
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny-sd"
-    StableDiffusionPipeline(**build_components(), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def random_evaluator(tmp_path_factory):
-    from quantdream.eval.io import export_weights
-    from quantdream.eval.reader import AttributeReader, ReaderConfig
-    from quantdream.eval.worldclip import WorldClip, WorldClipConfig
-    d = tmp_path_factory.mktemp("evaluator")
-    torch.manual_seed(0)
-    export_weights(AttributeReader(ReaderConfig()), ReaderConfig().to_dict(), d, "reader")
-    export_weights(WorldClip(WorldClipConfig()), WorldClipConfig().to_dict(), d, "clip")
-    return d
 
 
 def test_budget_variants_stay_within_the_budget():

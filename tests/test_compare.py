@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from quantdream.cli.main import build_parser, main
@@ -15,30 +14,6 @@ from quantdream.eval import report as rep
 
 SUBJECT = Path(__file__).resolve().parent.parent / "examples" / "subjects" / "teal_bag"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-    from quantdream.models.embedded import build_components
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny-sd"
-    StableDiffusionPipeline(**build_components(), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def random_evaluator(tmp_path_factory):
-    """World evaluator networks with random weights (the packaged ones may not be trained yet)."""
-    from quantdream.eval.io import export_weights
-    from quantdream.eval.reader import AttributeReader, ReaderConfig
-    from quantdream.eval.worldclip import WorldClip, WorldClipConfig
-    d = tmp_path_factory.mktemp("evaluator")
-    torch.manual_seed(0)
-    export_weights(AttributeReader(ReaderConfig()), ReaderConfig().to_dict(), d, "reader")
-    export_weights(WorldClip(WorldClipConfig()), WorldClipConfig().to_dict(), d, "clip")
-    return d
 
 
 def compare_args(model, out, *extra, methods="zoodip,peqa", evaluator=None):

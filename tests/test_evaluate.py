@@ -15,30 +15,6 @@ SUBJECT = Path(__file__).resolve().parent.parent / "examples" / "subjects" / "te
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-    from quantdream.models.embedded import build_components
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny-sd"
-    StableDiffusionPipeline(**build_components(), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def random_evaluator(tmp_path_factory):
-    """World evaluator networks with random weights (the packaged ones may not be trained yet)."""
-    from quantdream.eval.io import export_weights
-    from quantdream.eval.reader import AttributeReader, ReaderConfig
-    from quantdream.eval.worldclip import WorldClip, WorldClipConfig
-    d = tmp_path_factory.mktemp("evaluator")
-    torch.manual_seed(0)
-    export_weights(AttributeReader(ReaderConfig()), ReaderConfig().to_dict(), d, "reader")
-    export_weights(WorldClip(WorldClipConfig()), WorldClipConfig().to_dict(), d, "clip")
-    return d
-
-
-@pytest.fixture(scope="module")
 def zoodip_run(tiny_model, tmp_path_factory):
     from quantdream.train import build_config, personalize
     out = tmp_path_factory.mktemp("runs") / "zoodip-teal-bag"

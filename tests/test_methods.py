@@ -25,17 +25,6 @@ TEST_SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-    from quantdream.models.embedded import build_components
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny-sd"
-    StableDiffusionPipeline(**build_components(), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     d = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(0)
@@ -46,17 +35,17 @@ def photos(tmp_path_factory):
     return d
 
 
-def load_pipe(model_dir):
+def load_pipe(tiny_model):
     from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def build(model_dir, name, **settings):
+def build(tiny_model, name, **settings):
     """The scaffold's build order (train.personalize) in memory: prepare -> objective -> method -> setup."""
     from quantdream.train import resolve_weights
-    pipe = load_pipe(model_dir)
+    pipe = load_pipe(tiny_model)
     mcls = method_class(name)
     from quantdream.methods.base import config_from_dict
     config = config_from_dict(mcls.config_class, {**TEST_SETTINGS[name], **settings}, section_name(name))
@@ -103,8 +92,8 @@ def unet_out(unet, t, seed=1):
 
 # ----------------------------------------------------------------------------- contract: what trains
 @pytest.mark.parametrize("name", METHODS)
-def test_only_declared_tensors_change(model_dir, name):
-    r = build(model_dir, name)
+def test_only_declared_tensors_change(tiny_model, name):
+    r = build(tiny_model, name)
     before = {k: v.detach().clone() for k, v in tensors(r.te, r.vae, r.unet).items()}
     declared = {id(p) for p in r.method.trainable_parameters()}
     names = {k for k, v in tensors(r.te, r.vae, r.unet).items() if id(v) in declared}
@@ -133,15 +122,15 @@ def test_only_declared_tensors_change(model_dir, name):
 # ----------------------------------------------------------------------------- contract: export -> load
 @pytest.mark.parametrize("name", ["gf-ti", "dreambooth", "lora", "qlora", "peqa", "tuneqdm", "tuneqdm-s1",
                                   "tuneqdm-s2"])
-def test_export_load_round_trip(model_dir, name, tmp_path):
+def test_export_load_round_trip(tiny_model, name, tmp_path):
     from quantdream.methods.adapters import apply_adapter
-    r = build(model_dir, name)
+    r = build(tiny_model, name)
     streams = Streams.from_seed(0)
     for s in range(3):
         r.method.step(batch(r.placeholder.text, s), streams)
     files = r.method.export(tmp_path, "<my-bag>", 3)
     assert all(f.exists() for f in files)
-    pipe = load_pipe(model_dir)
+    pipe = load_pipe(tiny_model)
     if name == "gf-ti":                                       # stock: load_textual_inversion
         pipe.load_textual_inversion(str(tmp_path))
         tid = pipe.tokenizer.convert_tokens_to_ids("<my-bag>")
@@ -172,38 +161,38 @@ def test_export_load_round_trip(model_dir, name, tmp_path):
 
 
 # ----------------------------------------------------------------------------- TuneQDM math
-def test_tuneqdm_at_init_equals_the_frozen_quantized_layer(model_dir):
+def test_tuneqdm_at_init_equals_the_frozen_quantized_layer(tiny_model):
     """s_in = 1 and s_out = the quantizer scale: every expert reproduces the frozen int8 model exactly."""
-    r = build(model_dir, "tuneqdm")
-    frozen = load_pipe(model_dir).unet
+    r = build(tiny_model, "tuneqdm")
+    frozen = load_pipe(tiny_model).unet
     method_class("tuneqdm").prepare_model(None, None, frozen, "int8", r.method.config)
     for t in (0, 249, 250, 600, 999):
         torch.testing.assert_close(unet_out(r.unet, t), unet_out(frozen, t), atol=0, rtol=0)
 
 
-def test_tuneqdm_expert_follows_the_timestep(model_dir):
-    r = build(model_dir, "tuneqdm", num_experts=4)
+def test_tuneqdm_expert_follows_the_timestep(tiny_model):
+    r = build(tiny_model, "tuneqdm", num_experts=4)
     for t, j in ((0, 0), (249, 0), (250, 1), (500, 2), (749, 2), (750, 3), (999, 3)):
         unet_out(r.unet, t)
         assert r.method.selector.current == j
 
 
-def test_s1_uses_frozen_scales_outside_its_interval(model_dir):
-    r = build(model_dir, "tuneqdm-s1")                       # interval [500, 1000)
+def test_s1_uses_frozen_scales_outside_its_interval(tiny_model):
+    r = build(tiny_model, "tuneqdm-s1")                       # interval [500, 1000)
     assert r.method.selector.interval == (500.0, 1000.0)
     assert (r.objective.timesteps.t_low, r.objective.timesteps.t_high) == (500, 1000)   # trains inside only
     with torch.no_grad():
         for p in r.method.params:
             p.mul_(1.5)
-    frozen = load_pipe(model_dir).unet
+    frozen = load_pipe(tiny_model).unet
     method_class("peqa").prepare_model(None, None, frozen, "int8", r.method.config)
     torch.testing.assert_close(unet_out(r.unet, 499), unet_out(frozen, 499), atol=0, rtol=0)
     assert r.method.selector.current is None
     assert not torch.allclose(unet_out(r.unet, 500), unet_out(frozen, 500))
 
 
-def test_peqa_int4_is_per_output_channel(model_dir):
-    r = build(model_dir, "peqa")
+def test_peqa_int4_is_per_output_channel(tiny_model):
+    r = build(tiny_model, "peqa")
     from quantdream.quant import quantized_layers
     layers = [m for _, m in quantized_layers(r.unet)]
     assert layers and all(m.scale.shape[1] == 1 for m in layers)
@@ -220,8 +209,8 @@ def test_weight_methods_refuse_the_wrong_bit_width():
 
 
 # ----------------------------------------------------------------------------- CLI, every method
-def cli_args(model_dir, photos, out, name, *extra):
-    a = ["personalize", "--images", str(photos), "--init-word", "bag", "--model", str(model_dir), "--out", str(out),
+def cli_args(tiny_model, photos, out, name, *extra):
+    a = ["personalize", "--images", str(photos), "--init-word", "bag", "--model", str(tiny_model), "--out", str(out),
          "--method", name, "--steps", "2", "--threads", "1", "--set", "sample_steps=2", "--set", "sample_images=1"]
     if name in ("zoodip", "ti", "gf-ti"):
         a += ["--token", "<my-bag>"]
@@ -239,10 +228,10 @@ EXPECTED_OUTPUT = {"zoodip": "learned_embeds.safetensors", "ti": "learned_embeds
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
-def test_two_step_cli_run_and_generate_with_the_adapter(model_dir, photos, tmp_path, name):
+def test_two_step_cli_run_and_generate_with_the_adapter(tiny_model, photos, tmp_path, name):
     from quantdream.cli.main import main
     out = tmp_path / "run"
-    assert main(cli_args(model_dir, photos, out, name)) == 0
+    assert main(cli_args(tiny_model, photos, out, name)) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["method"] == name and run["steps"] == 2 and np.isfinite(run["final_loss"])
     assert EXPECTED_OUTPUT[name] in run["outputs"] and (out / EXPECTED_OUTPUT[name]).exists()
@@ -253,16 +242,16 @@ def test_two_step_cli_run_and_generate_with_the_adapter(model_dir, photos, tmp_p
         assert run["method_info"]["forward_pass_budget"] == 8 and run["method_info"]["generations"] == 2
     assert (out / "samples" / "step_000002.png").is_file()
     gen = tmp_path / "gen"
-    assert main(["generate", "a photo of {}", "--model", str(model_dir), "--adapter", str(out), "-n", "1",
+    assert main(["generate", "a photo of {}", "--model", str(tiny_model), "--adapter", str(out), "-n", "1",
                  "--steps", "2", "--out", str(gen)]) == 0
     assert (gen / "grid.png").is_file()
 
 
 @pytest.mark.slow
-def test_dreambooth_prior_preservation_caches_class_images(model_dir, photos, tmp_path):
+def test_dreambooth_prior_preservation_caches_class_images(tiny_model, photos, tmp_path):
     from quantdream.cli.main import main
     out = tmp_path / "db"
-    assert main(cli_args(model_dir, photos, out, "dreambooth", "--set", "dreambooth.prior_preservation=true",
+    assert main(cli_args(tiny_model, photos, out, "dreambooth", "--set", "dreambooth.prior_preservation=true",
                          "--set", "dreambooth.num_class_images=2", "--set", "dreambooth.class_sample_steps=2")) == 0
     assert sorted(p.name for p in (out / "class_images").iterdir()) == ["class_0000.png", "class_0001.png"]
     run = json.loads((out / "run.json").read_text())
@@ -270,22 +259,22 @@ def test_dreambooth_prior_preservation_caches_class_images(model_dir, photos, tm
 
 
 @pytest.mark.slow
-def test_activation_calibrated_base(model_dir, photos, tmp_path):
+def test_activation_calibrated_base(tiny_model, photos, tmp_path):
     """--acts 8: the PEQA run trains on a Q-Diffusion-style W8A8 UNet."""
     from quantdream.cli.main import main
     out = tmp_path / "w8a8"
-    assert main(cli_args(model_dir, photos, out, "peqa", "--acts", "8",
+    assert main(cli_args(tiny_model, photos, out, "peqa", "--acts", "8",
                          "--set", "sample_prompts=['a photo of a {}']")) == 0
     assert json.loads((out / "run.json").read_text())["acts"] == 8
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["peqa", "tuneqdm", "lora", "gf-ti"])
-def test_resume_after_ctrl_c_matches_an_uninterrupted_run(model_dir, photos, tmp_path, name):
+def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_model, photos, tmp_path, name):
     import os
     import signal
     from quantdream.train import build_config, personalize
-    kw = dict(images=str(photos), token="<my-bag>" if name == "gf-ti" else "", init_word="bag", model=str(model_dir),
+    kw = dict(images=str(photos), token="<my-bag>" if name == "gf-ti" else "", init_word="bag", model=str(tiny_model),
               method=name, steps=3, threads=1, sample_every=0, sample_steps=2, sample_images=1, checkpoint_every=2)
     kw.update({section_name(name): TEST_SETTINGS[name]})
     full = personalize(build_config(overrides={**kw, "out": str(tmp_path / "full")}))
@@ -307,12 +296,12 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(model_dir, photos, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["dreambooth", "lora", "tuneqdm-s2"])
-def test_evaluate_can_load_weight_method_runs(model_dir, photos, tmp_path, name):
+def test_evaluate_can_load_weight_method_runs(tiny_model, photos, tmp_path, name):
     from quantdream.cli.main import main
     from quantdream.eval import protocol
     from quantdream.methods.adapters import register_evaluate_adapters
     out = tmp_path / "run"
-    assert main(cli_args(model_dir, photos, out, name)) == 0
+    assert main(cli_args(tiny_model, photos, out, name)) == 0
     register_evaluate_adapters()
     run = protocol.read_run(out)
     adapter = protocol.adapter_for(run)

@@ -24,17 +24,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-    from quantdream.models.embedded import build_components
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny-sd"
-    StableDiffusionPipeline(**build_components(), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     d = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(0)

@@ -4,6 +4,9 @@
     python -m quantdream.models.train_embedded unet --run runs/embedded --steps 16000
     python -m quantdream.models.train_embedded export --run runs/embedded
 
+``export`` before the UNet stage has a checkpoint writes the autoencoder alone (``vae/`` in the package), so
+a later sitting on another machine trains the UNet on the very same latents.
+
 Every stage is seeded (batch k is drawn from ``default_rng([seed, k])``, so a resumed run sees the
 same data), checkpoints atomically every ``--ckpt-every`` steps and on Ctrl-C, shows a progress bar,
 and writes sample grids under ``RUN/samples``. Run a stage again to resume it.
@@ -297,16 +300,20 @@ def export(a) -> None:
     run = Path(a.run)
     comps = build_components()
     vae = load_trained_vae(run)
+    out = Path(a.out)
     ck = load_checkpoint(run / "unet.ckpt")
-    if ck is None:
-        raise FileNotFoundError(f"{run / 'unet.ckpt'} not found: train stage `unet` first")
+    if ck is None:  # the autoencoder alone, for the next sitting's UNet stage (load_trained_vae)
+        if load_checkpoint(run / "vae.ckpt") is None:
+            raise FileNotFoundError(f"neither {run / 'unet.ckpt'} nor {run / 'vae.ckpt'} found: train stage `vae` first")
+        vae.to(torch.float16).save_pretrained(str(out / "vae"), safe_serialization=True)
+        print(f"wrote {out / 'vae'} (autoencoder only: no UNet checkpoint in {run} yet)")
+        return
     comps["unet"].load_state_dict({k[5:]: v for k, v in ck["ema"].items() if k.startswith("unet.")})
     comps["text_encoder"].load_state_dict({k[3:]: v for k, v in ck["ema"].items() if k.startswith("te.")})
     vae.register_to_config(scaling_factor=ck["scaling"])
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
                                    unet=comps["unet"], scheduler=comps["scheduler"], safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    out = Path(a.out)
     pipe.to(torch.float16).save_pretrained(str(out), safe_serialization=True)  # fp16 on disk: 40 MB budget
     # load as fp32 by default (stock from_pretrained follows the config's dtype for the text encoder)
     cfg_path = out / "text_encoder" / "config.json"
