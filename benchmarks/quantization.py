@@ -175,11 +175,11 @@ def speed_settings(build_unet, inputs, repeats: int, with_acts: bool, calib_inpu
 
 
 def speed_embedded(repeats: int) -> dict:
-    from quantdream.models.embedded import build_components
+    from quantdream.models.embedded import LATENT_CHANNELS, build_components
     g = torch.Generator().manual_seed(0)
-    inputs = {"sample": torch.randn(2, 4, 16, 16, generator=g), "timestep": torch.tensor(500),
+    inputs = {"sample": torch.randn(2, LATENT_CHANNELS, 16, 16, generator=g), "timestep": torch.tensor(500),
               "encoder_hidden_states": torch.randn(2, 32, 768, generator=g)}
-    calib = [{"sample": torch.randn(2, 4, 16, 16, generator=g), "timestep": torch.tensor(t),
+    calib = [{"sample": torch.randn(2, LATENT_CHANNELS, 16, 16, generator=g), "timestep": torch.tensor(t),
               "encoder_hidden_states": torch.randn(2, 32, 768, generator=g)} for t in (100, 400, 700, 950)]
     r = speed_settings(lambda: build_components()["unet"].eval(), inputs, repeats, True, calib)
     r["setup"] = "embedded UNet (random weights), batch 2 (CFG), 16x16 latents; A8 calibrated on 4 random inputs"

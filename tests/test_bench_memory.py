@@ -97,7 +97,7 @@ def test_layer_by_layer_build_matches_prepare_model_on_the_whole_model(name, wei
         assert not any(t.is_meta for t in [*built.parameters(), *built.buffers()])
         assert getattr(built, "_quantdream_linear_backend", None) == getattr(whole[m], "_quantdream_linear_backend",
                                                                             None)
-    x = torch.randn(1, 4, 16, 16)
+    x = torch.randn(1, embedded.LATENT_CHANNELS, 16, 16)
     cond = torch.randn(1, 8, 768)
     with torch.no_grad():
         assert built(x, 10, cond).sample.shape == x.shape          # the prepared UNet runs

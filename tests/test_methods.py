@@ -15,6 +15,7 @@ from PIL import Image
 from quantdream.data.dataset import Batch
 from quantdream.methods import METHODS, method_class, section_name
 from quantdream.methods.base import DenoisingObjective, Streams, add_placeholder, identifier_placeholder
+from quantdream.models.embedded import LATENT_CHANNELS
 
 # settings that make 3 steps visible (the papers' learning rates move scales by ~1e-6 per step)
 TEST_SETTINGS = {
@@ -70,7 +71,7 @@ def build(tiny_model, name, **settings):
 
 def batch(text, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Batch(latents=torch.randn(1, 4, 16, 16, generator=g), captions=[f"a photo of {text}"], index=[0],
+    return Batch(latents=torch.randn(1, LATENT_CHANNELS, 16, 16, generator=g), captions=[f"a photo of {text}"], index=[0],
                  flipped=[False])
 
 
@@ -84,7 +85,7 @@ def tensors(*modules):
 
 def unet_out(unet, t, seed=1):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 16, 16, generator=g)
+    x = torch.randn(1, LATENT_CHANNELS, 16, 16, generator=g)
     c = torch.randn(1, 32, 768, generator=g)
     with torch.no_grad():
         return unet(x, torch.tensor([t]), c).sample

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from quantdream.cli.main import main
+from quantdream.models.embedded import LATENT_CHANNELS
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +49,6 @@ def test_quantize_w4a8_pipeline_folder_and_load_it(tmp_path):
     attn = loaded["unet"].down_blocks[0].attentions[0].transformer_blocks[0].attn1
     assert isinstance(attn.processor, QuantAttnProcessor)
     with torch.no_grad():
-        y = loaded["unet"](torch.randn(1, 4, 16, 16), 10, encoder_hidden_states=torch.randn(1, 32, 768)).sample
+        y = loaded["unet"](torch.randn(1, LATENT_CHANNELS, 16, 16), 10, encoder_hidden_states=torch.randn(1, 32, 768)).sample
     assert torch.isfinite(y).all()
     assert main(["quantize", "--model", str(tmp_path / "pipe"), "--out", str(out)]) == 2  # exists

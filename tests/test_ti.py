@@ -10,7 +10,7 @@ from quantdream.data.dataset import Batch
 from quantdream.methods.base import DenoisingObjective, Streams, add_placeholder, check_placeholder
 from quantdream.methods.ti import TIConfig, TextualInversion
 from quantdream.methods.zoodip import ZoodipConfig, Zoodip
-from quantdream.models.embedded import build_components
+from quantdream.models.embedded import LATENT_CHANNELS, build_components
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,7 @@ def setup(c, num_vectors=1):
 
 def batch(captions=("a photo of a <my-bag>",), seed=0):
     g = torch.Generator().manual_seed(seed)
-    return Batch(latents=torch.randn(len(captions), 4, 16, 16, generator=g), captions=list(captions),
+    return Batch(latents=torch.randn(len(captions), LATENT_CHANNELS, 16, 16, generator=g), captions=list(captions),
                  index=[0] * len(captions), flipped=[False] * len(captions))
 
 

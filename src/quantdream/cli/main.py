@@ -16,6 +16,9 @@ import sys
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# bitsandbytes (QLoRA's NF4) warns on import that it could not fetch an optional CPU kernel from the model hub,
+# which quantdream never uses (no network); keep its real errors
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # order shown in --help; a module that is not there yet is simply not offered
 COMMANDS = ["generate", "personalize", "quantize", "evaluate", "bench", "compare", "world"]

@@ -3,7 +3,8 @@
 Same classes as SD-1.x (``AutoencoderKL``, ``UNet2DConditionModel``, ``CLIPTextModel`` +
 ``CLIPTokenizer``, ``DDPMScheduler``), text width 768 so a learned token has SD-1.5's shape.
 Differences from SD-1.5, each for the training/storage budget: 64 px images, a 4x autoencoder
-(16x16x4 latents), a 2-layer text encoder with a 1.7k-token CLIP-format vocabulary, 32-token
+(16x16x8 latents: 8 channels instead of SD's 4, because with 4 a 2,400-step autoencoder kept backgrounds
+but blurred the objects and erased their prints, object PSNR 17.5 dB), a 2-layer text encoder with a 1.7k-token CLIP-format vocabulary, 32-token
 prompts, a 3-level UNet.
 """
 from __future__ import annotations
@@ -14,19 +15,20 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TEXT_WIDTH = 768
+LATENT_CHANNELS = 8
 MAX_LENGTH = 32
 PACKAGE_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded-model"
 TOKENIZER_DIR = PACKAGE_MODEL_DIR / "tokenizer"
 
 VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+    in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=64,
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     block_out_channels=(64, 96, 128), layers_per_block=1, norm_num_groups=16,
     mid_block_add_attention=False, scaling_factor=1.0,  # set from the latents' std after VAE training
 )
 
 UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    sample_size=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
     block_out_channels=(64, 128, 128),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),

@@ -18,8 +18,9 @@ def resolve_model(model: str | Path) -> Path:
     if str(model) == "tiny":
         if not (PACKAGE_MODEL_DIR / "model_index.json").is_file():
             raise FileNotFoundError(
-                f"the embedded model is missing from the package ({PACKAGE_MODEL_DIR}); reinstall quantdream or "
-                "train it with `python -m quantdream.models.train_embedded`")
+                f"the embedded model is not in this build of quantdream ({PACKAGE_MODEL_DIR} lacks model_index.json: "
+                "its training is still under way, see docs/embedded-model.md); pass --model PATH to a local Stable "
+                "Diffusion folder, or train it with `python -m quantdream.models.train_embedded`")
         return PACKAGE_MODEL_DIR
     p = Path(model).expanduser()
     if not p.exists():

@@ -183,7 +183,8 @@ def sample_images(unet, text_encoder, tokenizer, vae, scheduler_config, prompts,
                     truncation=True, return_tensors="pt").input_ids
     cond = text_encoder(ids)[0]
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(len(prompts), 4, 16, 16, generator=g)
+    z = torch.randn(len(prompts), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                    generator=g)
     for t in sch.timesteps:
         eps = unet(torch.cat([z, z]), t, cond).sample
         e_c, e_u = eps.chunk(2)
