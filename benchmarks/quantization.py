@@ -1,8 +1,9 @@
-"""Quantization benchmark (issue 3 bars): storage, resident memory, speed, kernels, quality hook.
+"""Quantization benchmark (issue 3 bars): storage, resident memory, speed, kernels, quality.
 
     python benchmarks/quantization.py                 # everything; prints ONE JSON object on stdout
     python benchmarks/quantization.py --skip-sd       # embedded model only (fast)
-    python benchmarks/quantization.py --quality       # + prompt accuracy (needs quantdream.eval.prompt_accuracy)
+    python benchmarks/quantization.py --quality       # + prompt-accuracy drop of W8A16/W4A16/W4A8 vs fp32
+    python benchmarks/quantization.py --skip-sd --quality --captions 50   # quality only, quicker
 
 Storage and memory use SD-1.5-architecture components with random weights (models/arch.py): the
 sizes and the process peak do not depend on the weight values. Memory is measured in a fresh
@@ -227,18 +228,53 @@ def kernels() -> dict:
     return out
 
 
-# -- quality hook ---------------------------------------------------------------------------------------------
-def quality() -> dict:
-    try:
-        from quantdream.eval import prompt_accuracy  # noqa: F401
-    except ImportError as e:
-        return {"status": f"skipped: quantdream.eval.prompt_accuracy is not available ({e}); needs the trained "
-                          "embedded model and its evaluator"}
+# -- quality -------------------------------------------------------------------------------------------------
+QUALITY_SETTINGS = [("fp32", None, None), ("W8A16", "int8", None), ("W4A16", "int4", None), ("W4A8", "int4", 8)]
+QUALITY_BARS = {"W8A16": 2.0, "W4A16": 5.0, "W4A8": 8.0}  # allowed drop in prompt-accuracy points vs fp32
+
+
+def quality(model: str | None, n_captions: int, n_images: int, evaluator: str | None = None) -> dict:
+    """Prompt accuracy (the embedded-model protocol: held-out captions x images, read by the world
+    reader) of each UNet setting against fp32 in the same run. Weights: the package's quantizer
+    (int8 per-channel, int4 group 128); A8: Q-Diffusion-style activation quantizers calibrated on the
+    float model's inputs over the sampling timesteps (the `quantize --acts 8` recipe)."""
+    from diffusers import StableDiffusionPipeline
+
+    from quantdream.cli.quantize import DEFAULT_CALIB_PROMPTS
+    from quantdream.eval import load_evaluator
+    from quantdream.eval.world_protocol import held_out_captions, measure_prompt_accuracy
     from quantdream.models.embedded import PACKAGE_MODEL_DIR
-    if not (PACKAGE_MODEL_DIR / "model_index.json").is_file():
-        return {"status": f"skipped: the trained embedded model is not at {PACKAGE_MODEL_DIR} yet"}
-    # TODO(issue 3): W8A16 / W4A16 / W4A8 vs fp32 prompt accuracy, once the evaluator's API is fixed.
-    return {"status": "skipped: evaluator found but its API is not wired into this benchmark yet"}
+    from quantdream.models.load import SAMPLING_DEFAULTS
+    from quantdream.models.sample import use_fast_sampler
+    from quantdream.quant import quantize_model
+    from quantdream.quant.activations import calibrate_activations, collect_unet_inputs
+    model = model or str(PACKAGE_MODEL_DIR)
+    if not (Path(model) / "unet").is_dir():
+        return {"status": f"skipped: no trained UNet at {model} yet"}
+    steps, guidance = SAMPLING_DEFAULTS["tiny"]
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    use_fast_sampler(pipe)
+    ev = load_evaluator(evaluator) if evaluator else load_evaluator()
+    caps = held_out_captions(n_captions)
+    float_unet = pipe.unet
+    out: dict = {"setup": f"{n_captions} held-out captions x {n_images} images, DDIM {steps} steps, guidance "
+                          f"{guidance}; UNet quantized, text encoder and VAE float", "settings": {}}
+    for name, weights, acts in QUALITY_SETTINGS:
+        log.info("quality: %s", name)
+        unet = float_unet if weights is None else quantize_model(copy.deepcopy(float_unet), weights)
+        if acts:
+            inputs = collect_unet_inputs(float_unet, pipe.text_encoder, pipe.tokenizer, copy.deepcopy(pipe.scheduler),
+                                         DEFAULT_CALIB_PROMPTS, num_inference_steps=steps, guidance_scale=guidance)
+            calibrate_activations(unet, inputs, bits=acts)
+        pipe.unet = unet
+        acc = measure_prompt_accuracy(pipe, ev, caps, n_images, 0, steps, guidance)
+        out["settings"][name] = {"prompt_accuracy": round(acc["overall"], 4),
+                                 **{k: round(v, 4) for k, v in acc.items() if k not in ("overall", "counts")}}
+    pipe.unet = float_unet
+    base = out["settings"]["fp32"]["prompt_accuracy"]
+    out["drop_points"] = {n: round(100 * (base - out["settings"][n]["prompt_accuracy"]), 2) for n in QUALITY_BARS}
+    return out
 
 
 def check_bars(r: dict) -> dict:
@@ -255,6 +291,10 @@ def check_bars(r: dict) -> dict:
             bars[f"mem_{w}_gib"] = {"value_fp32_compute": fp32, "value_bf16_compute": r["memory"][f"{w}_bf16"]["vmhwm_gib"],
                                     "bar": BARS[f"mem_{w}_gib"], "met_fp32": fp32 <= BARS[f"mem_{w}_gib"],
                                     "met_best": best <= BARS[f"mem_{w}_gib"]}
+    if "drop_points" in r.get("quality", {}):
+        for n, limit in QUALITY_BARS.items():
+            d = r["quality"]["drop_points"][n]
+            bars[f"quality_{n}_drop_points"] = {"value": d, "bar": limit, "met": d <= limit}
     return bars
 
 
@@ -262,7 +302,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-sd", action="store_true", help="embedded model only (no SD-1.5 storage/memory/speed)")
     ap.add_argument("--skip-speed-sd", action="store_true", help="skip the SD-1.5 speed runs (slowest part)")
-    ap.add_argument("--quality", action="store_true", help="prompt-accuracy drop on the embedded model (hook)")
+    ap.add_argument("--quality", action="store_true", help="prompt-accuracy drop of each setting on the embedded model")
+    ap.add_argument("--model", default=None, help="embedded-model folder for --quality (default: the packaged one)")
+    ap.add_argument("--captions", type=int, default=200, help="--quality: held-out captions (default 200)")
+    ap.add_argument("--images", type=int, default=4, help="--quality: images per caption (default 4)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for speed runs (default 1)")
     ap.add_argument("--repeats", type=int, default=1, help="timed forwards per SD-1.5 setting (best of; default 1)")
     ap.add_argument("--res", type=int, default=512, help="SD-1.5 image size (default 512)")
@@ -292,7 +335,7 @@ def main(argv=None) -> int:
         if not a.skip_speed_sd:
             log.info("speed: SD-1.5"); r["speed_sd15"] = speed_sd15(a.res, a.repeats)
     if a.quality:
-        r["quality"] = quality()
+        r["quality"] = quality(a.model, a.captions, a.images)
     r["bars"] = check_bars(r)
     print(json.dumps(r, indent=1))
     return 0

@@ -48,3 +48,18 @@ def test_personalization_benchmark_end_to_end_and_resume(tiny_model, random_eval
     assert bench.main(argv) == 0                       # a rerun keeps the finished runs and evaluation
     assert (tmp_path / "b" / "runs" / "teal_bag" / "zoodip" / "run.json").stat().st_mtime_ns == stamp
     assert json.loads(capsys.readouterr().out)["variants"] == V
+
+
+@pytest.mark.slow
+def test_quantization_quality_runs_every_setting_against_fp32(tiny_model, random_evaluator):
+    bench = load_script("quantization")
+    q = bench.quality(str(tiny_model), n_captions=2, n_images=1, evaluator=str(random_evaluator))
+    assert list(q["settings"]) == ["fp32", "W8A16", "W4A16", "W4A8"]
+    for name, row in q["settings"].items():
+        assert 0.0 <= row["prompt_accuracy"] <= 1.0 and "class" in row, name
+    base = q["settings"]["fp32"]["prompt_accuracy"]
+    for name in ("W8A16", "W4A16", "W4A8"):
+        assert q["drop_points"][name] == pytest.approx(100 * (base - q["settings"][name]["prompt_accuracy"]), abs=0.01)
+    bars = bench.check_bars({"quality": q})
+    assert set(bars) == {"quality_W8A16_drop_points", "quality_W4A16_drop_points", "quality_W4A8_drop_points"}
+    assert bench.quality(str(tiny_model / "nowhere"), 1, 1)["status"].startswith("skipped")
