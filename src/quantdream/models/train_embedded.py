@@ -1,7 +1,7 @@
 """Train the embedded model on the world: autoencoder first, then text encoder + UNet on its latents.
 
-    python -m quantdream.models.train_embedded vae  --run runs/embedded --steps 3000
-    python -m quantdream.models.train_embedded unet --run runs/embedded --steps 16000
+    python -m quantdream.models.train_embedded vae  --run runs/embedded --steps 2000
+    python -m quantdream.models.train_embedded unet --run runs/embedded --steps 13000
     python -m quantdream.models.train_embedded export --run runs/embedded
 
 ``export`` before the UNet stage has a checkpoint writes the autoencoder alone (``vae/`` in the package), so
@@ -329,7 +329,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["vae", "unet", "export"])
     ap.add_argument("--run", default="runs/embedded", help="folder for checkpoints, logs and sample grids")
-    ap.add_argument("--steps", type=int, default=None, help="total steps of the stage (vae 3000, unet 16000)")
+    ap.add_argument("--steps", type=int, default=None, help="total steps of the stage (vae 2000, unet 13000)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate (vae 5e-4, unet 3e-4)")
     ap.add_argument("--seed", type=int, default=0)
@@ -343,7 +343,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(PACKAGE_MODEL_DIR), help="export: diffusers folder to write")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    defaults = {"vae": (3000, 5e-4), "unet": (16000, 3e-4), "export": (0, 0)}[a.stage]
+    defaults = {"vae": (2000, 5e-4), "unet": (13000, 3e-4), "export": (0, 0)}[a.stage]
     a.steps = a.steps or defaults[0]
     a.lr = a.lr or defaults[1]
     {"vae": train_vae, "unet": train_unet, "export": export}[a.stage](a)
