@@ -265,3 +265,23 @@ def test_toml_config_with_command_line_overrides(tmp_path):
     f.write_text("steps = 'ten'\n")
     with pytest.raises(ValueError, match=r"steps = 'ten' should be a int"):
         build_config(str(f))
+
+
+def test_a_partially_trained_packaged_model_says_so(tmp_path, caplog):
+    import json
+    import logging
+
+    from quantdream.models import load
+    (tmp_path / "training.json").write_text(json.dumps({"unet_steps": 4000, "args": {"steps": 13000}}))
+    load._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="quantdream"):
+        load.warn_if_partially_trained(tmp_path)
+        load.warn_if_partially_trained(tmp_path)  # once per process
+    assert [r.getMessage() for r in caplog.records].count(
+        "the packaged embedded model is partially trained (UNet 4000 of 13000 steps): expect rough images; "
+        "see docs/embedded-model.md") == 1
+    caplog.clear()
+    load._WARNED.clear()
+    (tmp_path / "training.json").write_text(json.dumps({"unet_steps": 13000, "args": {"steps": 13000}}))
+    load.warn_if_partially_trained(tmp_path)
+    assert not caplog.records

@@ -3,6 +3,7 @@ single-file ``.safetensors``/``.ckpt`` Stable Diffusion checkpoint. Never downlo
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -13,6 +14,24 @@ from .embedded import PACKAGE_MODEL_DIR
 SAMPLING_DEFAULTS = {"tiny": (25, 4.0), "sd": (50, 7.5)}
 
 
+def warn_if_partially_trained(path: Path) -> None:
+    """The package may ship a model whose training is not finished yet (it trains across sittings):
+    say so once per process, with how far it got."""
+    info = path / "training.json"
+    if not info.is_file():
+        return
+    t = json.loads(info.read_text())
+    done, total = int(t.get("unet_steps", 0)), int(t.get("args", {}).get("steps") or 0)
+    if total and done < total and not _WARNED:
+        _WARNED.append(path)
+        logging.getLogger("quantdream").warning(
+            "the packaged embedded model is partially trained (UNet %d of %d steps): expect rough images; "
+            "see docs/embedded-model.md", done, total)
+
+
+_WARNED: list = []
+
+
 def resolve_model(model: str | Path) -> Path:
     """Map ``tiny`` to the packaged embedded model and check that a path is a model we can read."""
     if str(model) == "tiny":
@@ -21,6 +40,7 @@ def resolve_model(model: str | Path) -> Path:
                 f"the embedded model is not in this build of quantdream ({PACKAGE_MODEL_DIR} lacks model_index.json: "
                 "its training is still under way, see docs/embedded-model.md); pass --model PATH to a local Stable "
                 "Diffusion folder, or train it with `python -m quantdream.models.train_embedded`")
+        warn_if_partially_trained(PACKAGE_MODEL_DIR)
         return PACKAGE_MODEL_DIR
     p = Path(model).expanduser()
     if not p.exists():
