@@ -517,7 +517,7 @@ def _fmt(x, spec: str = ".0f") -> str:
     return "" if x is None else format(x, spec)
 
 
-def _bytes(n: int | None) -> str:
+def human_bytes(n: float | None) -> str:
     if n is None:
         return ""
     for unit in ("B", "KB", "MB", "GB"):
@@ -541,7 +541,7 @@ def memory_markdown(result: dict) -> str:
         weights = (r["weights"] or "default") + (" (low-memory)" if r.get("low_memory") else "")
         lines.append(f"| {r['method']} | {r['arch']} | {weights} | {r['resolution']} | {status} | "
                      f"{_fmt(tp.get('vmhwm_mib'))} | {_fmt(tp.get('rss_anon_mib'))} | {_fmt(tp.get('rss_file_mib'))} | "
-                     f"{_fmt(r.get('whole_process_peak_mib'))} | {cuda} | {_bytes(r.get('storage_bytes'))} | "
+                     f"{_fmt(r.get('whole_process_peak_mib'))} | {cuda} | {human_bytes(r.get('storage_bytes'))} | "
                      f"{_fmt(r.get('seconds_per_step'), '.3g')} | {_fmt(r.get('unet_forward_passes_per_step'), 'g')} |")
     s = result.get("summary") or {}
     if s.get("whole_process_ratio_to_lowest"):

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..bench.memory import human_bytes
 from .protocol import METRIC_COLUMNS
 
 MIB = 1024 * 1024
@@ -312,16 +313,6 @@ def build_report(rows: list[dict], *, subject: dict, settings: dict, evaluation:
                          for m, v in PAPER_TABLE1.items()},
         "notes": out_notes,
     }
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return ""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
 
 
 def cell(key: str, value: Any) -> str:
