@@ -314,6 +314,8 @@ def main(argv=None) -> int:
     ap.add_argument("--_dtype", dest="dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--_opts", dest="opts", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.captions < 1 or a.images < 1:
+        ap.error(f"--captions and --images must be at least 1 (got {a.captions}, {a.images})")
     if a.memory_child:
         memory_child(a.memory_child, a.res, a.dtype, a.opts)
         return 0
