@@ -82,23 +82,20 @@ def storage(work: Path) -> dict:
 # -- resident memory (child process) ---------------------------------------------------------------------
 def memory_child(folder: str, res: int, dtype: str, opts: str = "") -> None:
     torch.set_num_threads(1)
-    from quantdream.memory import peak, proc_status, return_freed_memory_eagerly
+    from quantdream.memory import chunk_feed_forward, low_memory_allocator, peak, proc_status
     import quantdream.quant.modules as qmod
     from quantdream.quant.io import load_quantized
-    if "eager" in opts:
-        return_freed_memory_eagerly()
-    if "chunk2m" in opts:
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    if "lowmem" in opts:   # personalize --low-memory's allocator, 2M-element weight chunks, chunked feed-forwards
+        low_memory_allocator()
         qmod.CHUNK_ELEMENTS = 1 << 21
     t0 = time.perf_counter()
-    m = load_quantized(folder, ["unet", "text_encoder", "vae"], drop={"vae": ["decoder", "post_quant_conv"]})
-    if "te_bf16" in opts:
-        m["text_encoder"].to(torch.bfloat16)
+    m = load_quantized(folder, ["unet", "text_encoder", "vae"], dtype=dt, drop={"vae": ["decoder", "post_quant_conv"]})
+    if "lowmem" in opts:
+        chunk_feed_forward(m["unet"])
     after_load = proc_status()
     load_s = time.perf_counter() - t0
     unet, te = m["unet"], m["text_encoder"]
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    if dt != torch.float32:
-        unet.to(dt)
     with torch.no_grad():
         cond = te(torch.randint(0, 49408, (1, 77)))[0].to(dt)
         x = torch.randn(1, 4, res // 8, res // 8, dtype=dt)
@@ -124,9 +121,9 @@ def memory(work: Path, res: int) -> dict:
             row = json.loads(r.stdout.strip().splitlines()[-1])
             row["vmhwm_gib"] = round(row["vmhwm_mib"] * MIB / GIB, 3)
             out[f"{weights}_{dtype}"] = row
-        # lowest-memory configuration: eager heap return, 2M-element chunks, text encoder in bf16
+        # lowest-memory configuration: bf16 floats, personalize --low-memory's allocator and chunking
         cmd = [sys.executable, __file__, "--_memory-child", str(folder), "--res", str(res), "--_dtype", "bf16",
-               "--_opts", "eager,chunk2m,te_bf16"]
+               "--_opts", "lowmem"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode == 0:
             row = json.loads(r.stdout.strip().splitlines()[-1])

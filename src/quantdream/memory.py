@@ -114,3 +114,61 @@ def return_freed_memory_eagerly(threshold_mib: float = 4.0) -> bool:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     n = int(threshold_mib * MIB)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, n)) and bool(libc.mallopt(M_TRIM_THRESHOLD, n))
+
+
+
+def _chunked(forward, tokens: int, hidden_states, *args, **kwargs):
+    import torch
+    if hidden_states.dim() < 3 or hidden_states.shape[1] <= tokens:
+        return forward(hidden_states, *args, **kwargs)
+    return torch.cat([forward(h, *args, **kwargs) for h in hidden_states.split(tokens, dim=1)], dim=1)
+
+
+def chunk_feed_forward(unet, tokens: int = 1024) -> int:
+    """Make every transformer block's feed-forward run on at most ``tokens`` positions at a time: the
+    hidden activation (4x the width, 8x with GEGLU's gate) is then never held for the whole sequence.
+    Same result, lower peak at high resolution. diffusers' ``set_chunk_feed_forward`` does the same but
+    needs the chunk to divide every block's sequence length; ``split`` here takes any length. Only the
+    instance's ``forward`` changes, so parameter names (scale files, LoRA) stay as they were.
+    Returns the number of blocks changed."""
+    import functools
+
+    from torch import nn
+    n = 0
+    for m in unet.modules():
+        ff = getattr(m, "ff", None)
+        if isinstance(ff, nn.Module) and hasattr(m, "attn1"):
+            ff.forward = functools.partial(_chunked, type(ff).forward.__get__(ff), tokens)
+            n += 1
+    return n
+
+
+LOW_MEMORY_MMAP_MIB = 0.125   # glibc serves allocations >= 128 KiB with their own mmap in low-memory mode
+LOW_MEMORY_FF_TOKENS = 1024   # feed-forward positions at a time
+
+
+def low_memory_allocator() -> bool:
+    """Part 1 of the low-memory mode (``personalize --low-memory``, ``bench memory --low-memory``), at
+    start-up: glibc serves blocks >= 128 KiB with their own mmap, so freed activations go back to the
+    OS at once. False where glibc's mallopt is missing."""
+    return return_freed_memory_eagerly(LOW_MEMORY_MMAP_MIB)
+
+
+def low_memory_objective(objective) -> None:
+    """Part 2, on a built :class:`~quantdream.methods.base.DenoisingObjective`: the UNet runs one row
+    at a time instead of the clean and perturbed rows together (same inputs and common random numbers,
+    so the same estimate up to float rounding) and its feed-forwards 1024 positions at a time. Slower
+    per step (less batching, page faults); the point is the resident peak."""
+    objective.unet_batch = 1
+    chunk_feed_forward(objective.unet, LOW_MEMORY_FF_TOKENS)
+
+
+def drop_vae_encoder(vae) -> None:
+    """Part 3, once the photos are encoded and the method is set up: free the autoencoder's encoder
+    (its decoder stays for sample grids). A later ``vae.encode`` raises a clear error."""
+    from .quant.io import DroppedModule
+    for name in ("encoder", "quant_conv"):
+        if getattr(vae, name, None) is not None:
+            setattr(vae, name, DroppedModule(f"vae.{name}", "was freed by the low-memory mode after the photos "
+                                                            "were encoded; run without --low-memory to encode more"))
+    malloc_trim()

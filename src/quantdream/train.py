@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import memory as memory_mod
 from .checkpoint import atomic_json, atomic_write, graceful_interrupt, load_checkpoint, save_checkpoint
 from .data.dataset import SubjectImages, list_images, load_caption_file
 from .methods import METHODS, method_class, section_name
@@ -117,6 +118,7 @@ class RunConfig:
     guidance: float = 0.0             # 0: 4.0 on the embedded model, 7.5 otherwise
     export_a1111: bool = False
     threads: int = 0                  # torch CPU threads; 0 leaves torch's default
+    low_memory: bool = False          # lower resident peak, slower steps (memory.low_memory_allocator/_objective)
     resume: bool = False
     zoodip: dict = field(default_factory=dict)
     ti: dict = field(default_factory=dict)
@@ -217,15 +219,49 @@ def check_model(model: str) -> tuple[Path, bool]:
     return path, is_tiny(path)
 
 
-def load_components(model: str, device: torch.device, dtype: torch.dtype) -> dict:
-    """tokenizer, text_encoder, vae, unet from the shared loader, and the DDPM training scheduler."""
+def load_components(model: str, device: torch.device, dtype: torch.dtype, defer_unet: bool = False) -> dict:
+    """tokenizer, text_encoder, vae, unet from the shared loader, and the DDPM training scheduler.
+    ``defer_unet`` (quantized folders only): unet is None and ``load_unet()`` loads it later, so the
+    photos can be encoded before it takes its memory; ``unet_config`` is its config meanwhile. The text
+    encoder's token table stays as stored (fp16) there: the objective widens its lookups."""
     from diffusers import DDPMScheduler
-    from .models.load import load_pipeline
-    pipe = load_pipeline(model, device=str(device), dtype=dtype)
+    from diffusers.configuration_utils import FrozenDict
+
+    from .models.load import load_pipeline, load_quantized_pipeline, resolve_model
+    if defer_unet:
+        path = resolve_model(model)
+        pipe = load_quantized_pipeline(path, str(device), dtype, skip=("unet",), narrow_embeddings=True)
+        unet_config = FrozenDict(json.loads((path / "unet" / "config.json").read_text()))
+        load_unet = lambda: load_quantized_pipeline(path, str(device), dtype,  # noqa: E731
+                                                    skip=("tokenizer", "text_encoder", "vae", "scheduler")).unet
+    else:
+        pipe = load_pipeline(model, device=str(device), dtype=dtype)
+        unet_config, load_unet = pipe.unet.config, None
     # training always uses the DDPM forward process, whatever sampler the folder ships
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
-                scheduler=scheduler)
+                scheduler=scheduler, unet_config=unet_config, load_unet=load_unet)
+
+
+def folder_weights(path: Path, cfg: RunConfig, mcls) -> str:
+    """A quantized folder fixes the UNet's bit width: --weights must be auto or the same, and the
+    method must train on it; --acts belongs to `quantdream quantize` (calibration needs the float model)."""
+    from .quant.io import read_index
+    layers = read_index(path)["components"].get("unet", {}).get("layers", {})
+    bits = sorted({spec["bits"] for spec in layers.values()})
+    have = {(8,): "int8", (4,): "int4"}.get(tuple(bits), "none" if not bits else f"mixed {bits}")
+    if cfg.weights not in ("auto", have):
+        raise ValueError(f"--weights {cfg.weights}: --model {path} is a quantized folder whose UNet is {have}; "
+                         f"pass --weights auto, or the float model to quantize it another way")
+    if have not in mcls.weight_choices:
+        wants = "a float model" if tuple(mcls.weight_choices) == ("none",) else \
+            f"{' or '.join(mcls.weight_choices)} weights"
+        raise ValueError(f"--method {cfg.method} trains on {wants}, but --model {path} is a quantized folder "
+                         f"({have} UNet): give it the float model")
+    if cfg.acts:
+        raise ValueError(f"--acts {cfg.acts} with a quantized folder: calibrate when quantizing "
+                         f"(`quantdream quantize --weights {have} --acts {cfg.acts}`), the calibration needs the float model")
+    return have
 
 
 def quantizer(weights: str):
@@ -249,26 +285,12 @@ class MemoryProbe:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        try:
-            from . import memory
-        except ImportError:
-            memory = None
-        self.memory = memory
 
     def reset(self) -> None:
-        if self.memory is not None and hasattr(self.memory, "reset_peak"):
-            self.memory.reset_peak()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        memory_mod.reset_peak()
 
     def read(self) -> dict:
-        out: dict[str, Any] = {}
-        if self.memory is not None and hasattr(self.memory, "peak"):
-            p = self.memory.peak()
-            out.update(p if isinstance(p, dict) else {"process_peak": p})
-        else:
-            out["process_peak"] = None
-            out["note"] = "quantdream.memory not available in this build"
+        out: dict[str, Any] = dict(memory_mod.peak())
         if self.device.type == "cuda":
             out["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
@@ -406,10 +428,14 @@ def personalize(cfg: RunConfig, progress: bool = False,
         captions = images_dir / "captions.json"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.low_memory and not memory_mod.low_memory_allocator():
+        logger.warning("--low-memory: glibc's mallopt is not available here; freed memory stays in the heap")
     from .models.load import pick_device
     device = torch.device(pick_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
-    _, embedded = check_model(cfg.model)
+    model_path, embedded = check_model(cfg.model)
+    from .models.load import is_quantized_folder
+    quantized_folder = is_quantized_folder(model_path)
     defaults = (EMBEDDED_DEFAULTS if embedded else SD_DEFAULTS)[cfg.method]
     mcls = method_class(cfg.method)
     mconfig = config_from_dict(mcls.config_class, {**defaults["section"], **section}, section_name(cfg.method))
@@ -422,16 +448,19 @@ def personalize(cfg: RunConfig, progress: bool = False,
         from .export import load_embedding
         init_vectors = load_embedding(cfg.init_embedding)[1]
 
-    comps = load_components(cfg.model, device, dtype)
+    if quantized_folder:
+        weights = folder_weights(model_path, cfg, mcls)
+    comps = load_components(cfg.model, device, dtype, defer_unet=quantized_folder)
     tokenizer, te, vae, unet, scheduler = (comps[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
+    ucfg = comps["unet_config"]
     width = te.get_input_embeddings().weight.shape[1]
-    if unet.config.cross_attention_dim != width:
+    if ucfg.cross_attention_dim != width:
         raise ValueError(f"model {cfg.model!r}: text encoder width {width} does not match the UNet's "
-                         f"cross-attention width {unet.config.cross_attention_dim}")
+                         f"cross-attention width {ucfg.cross_attention_dim}")
     if mcls.kind == "token":
         check_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = cfg.resolution or unet.config.sample_size * vae_scale
+    resolution = cfg.resolution or ucfg.sample_size * vae_scale
     if resolution % vae_scale:
         raise ValueError(f"--resolution {resolution} must be a multiple of {vae_scale} for this model's autoencoder")
     def make_data(folder, templates=None) -> SubjectImages:
@@ -446,6 +475,12 @@ def personalize(cfg: RunConfig, progress: bool = False,
         placeholder = add_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
     else:
         placeholder = identifier_placeholder(token, cfg.init_word, width)
+    scaling = float(vae.config.scaling_factor)
+    if quantized_folder:  # the photos are encoded before the UNet is loaded: their activations never meet it
+        te.requires_grad_(False).eval()
+        vae.requires_grad_(False).eval()
+        data.encode(vae, scaling, device=device, dtype=dtype)
+        unet = comps["load_unet"]()
     for m in (te, vae, unet):
         m.requires_grad_(False).eval()
     calib = None
@@ -460,9 +495,11 @@ def personalize(cfg: RunConfig, progress: bool = False,
         from .quant import calibrate_activations
         calibrate_activations(unet, calib, bits=cfg.acts)
         del calib
-    scaling = float(vae.config.scaling_factor)
-    data.encode(vae, scaling, device=device, dtype=dtype)
+    if not quantized_folder:
+        data.encode(vae, scaling, device=device, dtype=dtype)
     objective = DenoisingObjective(tokenizer, te, unet, scheduler, placeholder, device=device, dtype=dtype)
+    if cfg.low_memory:
+        memory_mod.low_memory_objective(objective)
     method = mcls(objective, placeholder.init_vectors, mconfig)
     streams = Streams.from_seed(cfg.seed, device)
     latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
@@ -489,6 +526,8 @@ def personalize(cfg: RunConfig, progress: bool = False,
                             batch_size=cfg.batch_size, init_vectors_given=init_vectors is not None,
                             steps=steps))
     method_setup_seconds = time.perf_counter() - t_method_setup
+    if cfg.low_memory:
+        memory_mod.drop_vae_encoder(vae)
     if ckpt is not None:
         method.load_state_dict(ckpt["method"])
         streams.load_state_dict(ckpt["streams"])

@@ -72,7 +72,7 @@ class BenchSpec:
     threads: int = 0              # torch CPU threads; 0: torch's default
     device: str = "auto"          # auto | cpu | cuda
     dtype: str = "auto"           # auto: float16 on CUDA, float32 on CPU
-    low_memory: bool = False      # glibc returns freed blocks >= 4 MiB at once (memory.return_freed_memory_eagerly)
+    low_memory: bool = False      # personalize's --low-memory (memory.low_memory_allocator / _objective)
 
     def resolved_resolution(self) -> int:
         return self.resolution or NATIVE_RESOLUTION[self.arch]
@@ -295,12 +295,15 @@ def _component_prepare(prepare: Callable[[Any, Any, Any, str], None], component:
 
 
 def build_components(spec: BenchSpec, weights: str, device, dtype,
-                     prepare: Callable[[Any, Any, Any, str], None] | None = None) -> dict:
+                     prepare: Callable[[Any, Any, Any, str], None] | None = None,
+                     before_unet: Callable[[dict], None] | None = None) -> dict:
     """tokenizer, text_encoder, vae, unet, scheduler with random weights, prepared as train.py does with
     ``prepare`` (a method's ``prepare_model``; default ``Method.prepare_model``: UNet at ``weights``, VAE
     and text encoder int8 whenever the UNet is quantized, ZOODiP's setting), but layer by layer from the
     meta device (:func:`prepare_layer_by_layer`). Components are built in ``dtype`` on ``device`` first,
-    then prepared, as ``load_components`` + ``prepare_model`` in train.py."""
+    then prepared, as ``load_components`` + ``prepare_model`` in train.py. ``before_unet(comps)`` runs
+    once the text encoder and VAE exist and the UNet does not yet (train.py's order for a quantized
+    folder: the photos are encoded first)."""
     from accelerate import init_empty_weights
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
@@ -318,11 +321,29 @@ def build_components(spec: BenchSpec, weights: str, device, dtype,
         n_ctx = comps["text_encoder"].config.max_position_embeddings
         comps["tokenizer"] = CLIPTokenizer.from_pretrained(str(embedded.TOKENIZER_DIR), model_max_length=n_ctx)
         comps["scheduler"] = DDPMScheduler(**embedded.SCHEDULER_CONFIG)
-    for i, m in enumerate(("unet", "vae", "text_encoder")):
+    comps["device"], comps["dtype"] = device, dtype
+    for i, m in ((1, "vae"), (2, "text_encoder"), (0, "unet")):   # seeds as before: unet 0, vae 1, te 2
+        if m == "unet" and before_unet is not None:
+            before_unet(comps)
         comps[m] = prepare_layer_by_layer(comps[m], _component_prepare(prepare, m, weights), spec.seed + i,
                                           device, dtype)
-    comps["device"], comps["dtype"] = device, dtype
     return comps
+
+
+def _narrow_embeddings(text_encoder, dtype) -> None:
+    """What ``load_quantized(narrow_embeddings=True)`` does with a folder's fp16 embedding tables."""
+    import torch
+    from torch import nn
+
+    from ..memory import malloc_trim
+    from ..quant.io import widen_lookups
+    if dtype.itemsize <= 2:
+        return
+    for m in text_encoder.modules():
+        if isinstance(m, nn.Embedding):
+            m.weight.data = m.weight.data.to(torch.float16)
+            widen_lookups(m, dtype)
+    malloc_trim()
 
 
 def _random_images(folder: Path, n: int, resolution: int, seed: int) -> Path:
@@ -398,8 +419,7 @@ def measure_in_process(spec: BenchSpec) -> dict:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if spec.low_memory:
-        eager = getattr(memory, "return_freed_memory_eagerly", None)
-        if eager is None or not eager():
+        if not memory.low_memory_allocator():
             return {**row, "status": "failed", "note": "--low-memory needs glibc's mallopt (not available here)"}
     if weights == "nf4":  # train.py would fall back to float Linear layers: not the configuration asked for
         from ..methods.lora import BNB_HINT, bnb_linear4bit_works
@@ -413,11 +433,26 @@ def measure_in_process(spec: BenchSpec) -> dict:
     from ..data.dataset import SubjectImages
     with tempfile.TemporaryDirectory(prefix="qd-bench-") as tmp:
         # ---- setup: model (prepared as the method runs), data encoded once, the method
-        comps = build_components(spec, weights, device, dtype, bm.prepare)
-        comps["workdir"] = Path(tmp)
         data = SubjectImages(_random_images(Path(tmp) / "images", spec.images, res, spec.seed), res)
-        data.encode(comps["vae"], float(comps["vae"].config.scaling_factor), device=device, dtype=dtype)
+
+        def encode(c: dict) -> None:
+            data.encode(c["vae"], float(c["vae"].config.scaling_factor), device=device, dtype=dtype)
+        # quantized weights come from a quantized folder, where train.py encodes the photos before the UNet
+        # loads; a float model arrives whole and encodes after
+        early = weights != "none"
+
+        def before_unet(c: dict) -> None:   # as train.py with a quantized folder: fp16 token table, photos first
+            _narrow_embeddings(c["text_encoder"], dtype)
+            encode(c)
+        comps = build_components(spec, weights, device, dtype, bm.prepare, before_unet if early else None)
+        comps["workdir"] = Path(tmp)
+        if not early:
+            encode(comps)
         trainer = bm.setup(comps, data, spec)
+        if spec.low_memory:
+            if getattr(trainer, "objective", None) is not None:
+                memory.low_memory_objective(trainer.objective)
+            memory.drop_vae_encoder(comps["vae"])
         setup_seconds = time.perf_counter() - t_start
         setup_status = memory.proc_status()
         # ---- training phase

@@ -58,6 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--sample-every", dest="sample_every", type=int, help="sample grid every N steps (0: final grid only)")
     a("--checkpoint-every", dest="checkpoint_every", type=int, help="checkpoint + snapshot every N steps")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    a("--low-memory", dest="low_memory", action="store_true", default=None,
+      help="lower the resident peak at some speed: freed memory returns to the OS at once, the UNet runs one "
+           "row at a time, feed-forwards in chunks")
     a("--export-a1111", dest="export_a1111", action="store_true", default=None,
       help="also write learned_embeds.pt for AUTOMATIC1111")
     a("--resume", action="store_true", default=None, help="continue the interrupted run in --out")
@@ -68,7 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 FLAGS = ("images", "token", "init_word", "out", "model", "method", "weights", "acts", "steps", "seed", "device", "dtype",
          "num_vectors", "batch_size", "captions", "learnable_property", "init_embedding", "sample_every",
-         "checkpoint_every", "threads", "export_a1111", "resume")
+         "checkpoint_every", "threads", "low_memory", "export_a1111", "resume")
 
 
 def config_from_args(args):

@@ -137,12 +137,15 @@ class DenoisingObjective:
 
     The K candidates share the batch's latents and captions and one draw of (t, eps) from
     ``generator`` (common random numbers); all K*B rows go through the text encoder and the UNet
-    as one batch. Gradients flow to theta when the caller enables them (textual inversion)."""
+    as one batch. Gradients flow to theta when the caller enables them (textual inversion).
+    ``unet_batch`` > 0 caps the rows per UNet call (same inputs, same result up to float rounding;
+    a lower activation peak at high resolution: the low-memory mode sets it to 1)."""
 
     def __init__(self, tokenizer, text_encoder, unet, scheduler, placeholder: Placeholder,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 timesteps: TimestepSampler | None = None) -> None:
+                 timesteps: TimestepSampler | None = None, unet_batch: int = 0) -> None:
         self.tokenizer, self.text_encoder, self.unet = tokenizer, text_encoder, unet
+        self.unet_batch = unet_batch
         self.placeholder = placeholder
         self.device, self.dtype = torch.device(device), dtype
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
@@ -168,6 +171,7 @@ class DenoisingObjective:
         if self._rows is None:
             return out
         ids = inputs[0]                                            # (N, L)
+        out = out.to(torch.promote_types(out.dtype, self._rows.dtype))  # a narrow table must not round theta
         for j in range(self._pid.numel()):
             m = (ids == self._pid[j]).unsqueeze(-1)                # (N, L, 1)
             out = torch.where(m, self._rows[:, j, None, :].to(out.dtype), out)
@@ -209,7 +213,9 @@ class DenoisingObjective:
         z_t = add_noise(z, noise.eps.to(self.device), noise.t.to(self.device), self.alphas_cumprod)  # forward diffusion
         cond = self.encode_text(theta, batch.captions)              # (K*B, L, d)
         t = noise.t.to(self.device).repeat(K)                       # (K*B,)
-        pred = self.unet(z_t.repeat(K, 1, 1, 1).to(self.dtype), t, cond).sample
+        z_t = z_t.repeat(K, 1, 1, 1).to(self.dtype)
+        m = self.unet_batch if self.unet_batch > 0 else K * B
+        pred = torch.cat([self.unet(z_t[i:i + m], t[i:i + m], cond[i:i + m]).sample for i in range(0, K * B, m)])
         self.forward_passes += K * B
         return epsilon_mse(pred, noise.eps.to(self.device).repeat(K, 1, 1, 1)).view(K, B).mean(1)
 

@@ -32,8 +32,16 @@ def warn_if_partially_trained(path: Path) -> None:
 _WARNED: list = []
 
 
+QUANTIZED_INDEX = "quantdream.json"   # marks a folder written by `quantdream quantize` (quant.io.INDEX)
+
+
+def is_quantized_folder(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / QUANTIZED_INDEX).is_file()
+
+
 def resolve_model(model: str | Path) -> Path:
-    """Map ``tiny`` to the packaged embedded model and check that a path is a model we can read."""
+    """Map ``tiny`` to the packaged embedded model and check that a path is a model we can read: a
+    diffusers folder, a single-file checkpoint, or a quantized folder from ``quantdream quantize``."""
     if str(model) == "tiny":
         if not (PACKAGE_MODEL_DIR / "model_index.json").is_file():
             raise FileNotFoundError(
@@ -46,6 +54,10 @@ def resolve_model(model: str | Path) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"model path {str(p)!r} does not exist (give `tiny` or a local Stable Diffusion "
                                 "diffusers folder or .safetensors file; nothing is downloaded)")
+    if is_quantized_folder(p):
+        from ..quant.io import read_index
+        read_index(p)                                   # format / version checks, clear errors
+        return p
     if p.is_dir() and not (p / "model_index.json").is_file():
         found = sorted(x.name for x in p.iterdir())[:10]
         raise ValueError(f"{p} is not a diffusers pipeline folder: no model_index.json (it holds {found}). "
@@ -57,6 +69,9 @@ def resolve_model(model: str | Path) -> Path:
 
 def pipeline_class(path: Path):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    if is_quantized_folder(path):
+        comps = json.loads((path / QUANTIZED_INDEX).read_text()).get("components", {})
+        return StableDiffusionXLPipeline if "text_encoder_2" in comps else StableDiffusionPipeline
     if path.is_dir():
         name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
         if "XL" in name:
@@ -68,12 +83,50 @@ def pipeline_class(path: Path):
 
 
 def is_tiny(path: Path) -> bool:
+    """The packaged embedded model, or a quantized folder made from it (its recorded source)."""
+    if is_quantized_folder(path):
+        source = json.loads((Path(path) / QUANTIZED_INDEX).read_text()).get("config", {}).get("source")
+        return bool(source) and Path(source).resolve() == PACKAGE_MODEL_DIR.resolve()
     return Path(path).resolve() == PACKAGE_MODEL_DIR.resolve()
+
+
+PIPELINE_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae", "unet", "scheduler")
+
+
+def quantized_folder_parts(path: Path) -> list[str]:
+    """The pipeline parts a quantized folder holds; refuses one that lacks any its pipeline needs."""
+    comps = json.loads((path / QUANTIZED_INDEX).read_text()).get("components", {})
+    need = [c for c in PIPELINE_PARTS if c in comps or not c.endswith("_2")]
+    if "text_encoder_2" in comps:
+        need = list(PIPELINE_PARTS)
+    missing = [c for c in need if c not in comps]
+    if missing:
+        raise ValueError(f"{path} holds {', '.join(comps)} but a pipeline also needs {', '.join(missing)}: "
+                         "quantize the whole pipeline (`quantdream quantize` without --components keeps every part)")
+    return need
+
+
+def load_quantized_pipeline(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                            skip: tuple[str, ...] = (), narrow_embeddings: bool = False):
+    """A stock diffusers pipeline around the modules of a quantized folder (built straight into their
+    low-bit form, no float staging). ``skip``: parts not to load now (they are None in the pipeline);
+    ``narrow_embeddings``: see :func:`quantdream.quant.io.load_quantized`."""
+    from ..quant.io import load_quantized
+    names = [c for c in quantized_folder_parts(path) if c not in skip]
+    parts = load_quantized(path, names, dtype=dtype, device=device, narrow_embeddings=narrow_embeddings)
+    cls = pipeline_class(path)
+    kw = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
+        if cls.__name__ == "StableDiffusionPipeline" else {}
+    pipe = cls(**{c: parts.get(c) for c in quantized_folder_parts(path)}, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_pipeline(model: str | Path = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load a pipeline in ``dtype`` on ``device`` with no safety checker and no network access."""
     path = resolve_model(model)
+    if is_quantized_folder(path):
+        return load_quantized_pipeline(path, device, dtype)
     cls = pipeline_class(path)
     import diffusers
     new = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 40)

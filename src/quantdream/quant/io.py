@@ -222,12 +222,12 @@ def save_quantized(components: Mapping[str, Any], out_dir: str | os.PathLike, co
 class DroppedModule(nn.Module):
     """Stands in for a submodule that ``load_quantized(..., drop=...)`` did not load."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, why: str = "was not loaded (load_quantized(drop=...)); load it to use it"):
         super().__init__()
-        self.dropped_name = name
+        self.dropped_name, self.why = name, why
 
     def forward(self, *args, **kwargs):
-        raise RuntimeError(f"{self.dropped_name} was not loaded (load_quantized(drop=...)); load it to use it")
+        raise RuntimeError(f"{self.dropped_name} {self.why}")
 
 
 def read_index(path: str | os.PathLike) -> dict:
@@ -297,13 +297,24 @@ def _drop(model: nn.Module, names: Sequence[str], component: str) -> list[str]:
     return prefixes
 
 
+def widen_lookups(embedding: nn.Embedding, dtype: torch.dtype) -> None:
+    """Keep ``embedding``'s table in its (narrower) dtype and cast each lookup to ``dtype``."""
+    def hook(module, inputs, out):
+        return out.to(dtype)
+    embedding.register_forward_hook(hook)
+
+
 def load_quantized(path: str | os.PathLike, components: Sequence[str] | None = None, *,
                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   drop: Mapping[str, Sequence[str]] | None = None) -> dict:
+                   drop: Mapping[str, Sequence[str]] | None = None, narrow_embeddings: bool = False) -> dict:
     """Load a folder written by :func:`save_quantized` -> ``{name: component}``.
 
     components: which to load (default all). dtype: float tensors other than scales (embeddings,
-    norms, biases). drop: submodules not to load, e.g. ``{"vae": ["decoder", "post_quant_conv"]}``
+    norms, biases). narrow_embeddings: an embedding table stored narrower than ``dtype`` (CLIP's
+    49,408 x 768 token table in fp16: 72 MiB, not 145) stays as stored and its lookups are cast to
+    ``dtype``: the same numbers as widening the table (widening adds no information), but the model's
+    ``.dtype`` (its first parameter's) then reads fp16, which stock pipelines cast prompts to; so only
+    for callers that set their own compute dtype (personalize's objective). drop: submodules not to load, e.g. ``{"vae": ["decoder", "post_quant_conv"]}``
     for an encoder-only VAE. Every check (layout, version, classes, tensor names and shapes) runs
     before any tensor is allocated.
     """
@@ -355,7 +366,10 @@ def load_quantized(path: str | os.PathLike, components: Sequence[str] | None = N
         with open(wfile, "rb") as f:
             for key, (_, owner, tname, is_param) in expected.items():
                 t = _read_tensor(f, start, header[key])
-                if t.is_floating_point() and not _keeps_fp32(owner, tname):
+                if narrow_embeddings and isinstance(owner, nn.Embedding) and t.is_floating_point() \
+                        and t.dtype.itemsize < dtype.itemsize:
+                    widen_lookups(owner, dtype)                         # table stays narrow, lookups widen
+                elif t.is_floating_point() and not _keeps_fp32(owner, tname):
                     t = t.to(dtype)
                 elif t.is_floating_point():
                     t = t.float()

@@ -1,0 +1,141 @@
+"""A folder written by `quantdream quantize` is a model every command takes (--model DIR), and the
+low-memory mode (--low-memory) changes the resident peak, not the result."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from quantdream.cli.main import main
+from quantdream.data.dataset import Batch
+from quantdream.memory import chunk_feed_forward, drop_vae_encoder
+from quantdream.methods.base import DenoisingObjective, add_placeholder
+from quantdream.models.embedded import LATENT_CHANNELS, build_components
+from quantdream.quant.io import load_quantized
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        a = np.full((40, 40, 3), rng.integers(0, 255, 3), np.uint8)
+        a[10:30, 10:30] = (30, 200, 30)
+        Image.fromarray(a).save(d / f"{i:02d}.png")
+    return d
+
+
+def quantize(model, out, *extra):
+    assert main(["quantize", "--model", str(model), "--weights", "int8", "--out", str(out), *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder_fp32(tiny_model, tmp_path_factory):
+    """Non-quantized tensors kept fp32: the folder holds exactly the model that --weights int8 builds."""
+    return quantize(tiny_model, tmp_path_factory.mktemp("q") / "int8-fp32", "--float-dtype", "fp32")
+
+
+@pytest.fixture(scope="module")
+def folder_fp16(tiny_model, tmp_path_factory):
+    return quantize(tiny_model, tmp_path_factory.mktemp("q") / "int8-fp16")
+
+
+def personalize(model, photos, out, *extra):
+    return main(["personalize", "--images", str(photos), "--token", "<my-bag>", "--init-word", "bag",
+                 "--model", str(model), "--out", str(out), "--threads", "1", "--steps", "3",
+                 "--set", "sample_steps=2", "--set", "sample_images=1", *extra])
+
+
+@pytest.mark.slow
+def test_a_quantized_folder_trains_the_same_token_as_quantizing_on_the_fly(tiny_model, folder_fp32, photos, tmp_path):
+    assert personalize(tiny_model, photos, tmp_path / "fly", "--weights", "int8") == 0
+    assert personalize(folder_fp32, photos, tmp_path / "folder") == 0
+    a = load_file(str(tmp_path / "fly" / "learned_embeds.safetensors"))["<my-bag>"]
+    b = load_file(str(tmp_path / "folder" / "learned_embeds.safetensors"))["<my-bag>"]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    run = json.loads((tmp_path / "folder" / "run.json").read_text())
+    assert run["weights"] == "int8" and run["unet_forward_passes"] == 9
+
+
+@pytest.mark.slow
+def test_low_memory_run_from_an_fp16_folder_finishes_and_renders(folder_fp16, photos, tmp_path):
+    out = tmp_path / "run"
+    assert personalize(folder_fp16, photos, out, "--low-memory") == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["unet_forward_passes"] == 9 and np.isfinite(run["final_loss"])
+    assert (out / "samples" / "step_000003.png").is_file()       # the decoder survives the dropped encoder
+    gen = tmp_path / "gen"
+    assert main(["generate", "a {} on a green background", "--embedding", str(out / "learned_embeds.safetensors"),
+                 "--model", str(folder_fp16), "--out", str(gen), "-n", "1", "--steps", "2"]) == 0
+    assert (gen / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("extra,match", [
+    (("--weights", "int4"), r"--weights int4: .* quantized folder whose UNet is int8"),
+    (("--method", "dreambooth"), r"--method dreambooth trains on a float model, but .* quantized folder"),
+    (("--acts", "8"), r"--acts 8 with a quantized folder: calibrate when quantizing"),
+])
+def test_what_a_quantized_folder_cannot_do_is_refused_clearly(folder_fp16, photos, tmp_path, capsys, extra, match):
+    out = tmp_path / "run"
+    assert personalize(folder_fp16, photos, out, *extra) != 0
+    assert re.search(match, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_narrow_token_table_gives_the_same_text_features(folder_fp16):
+    wide = load_quantized(folder_fp16, ["text_encoder"])["text_encoder"]
+    narrow = load_quantized(folder_fp16, ["text_encoder"], narrow_embeddings=True)["text_encoder"]
+    table = narrow.get_input_embeddings().weight
+    assert table.dtype == torch.float16 and wide.get_input_embeddings().weight.dtype == torch.float32
+    ids = torch.randint(0, table.shape[0], (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(ids)[0], wide(ids)[0], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the low-memory parts
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    c = build_components()
+    for m in (c["text_encoder"], c["unet"], c["vae"]):
+        m.requires_grad_(False).eval()
+    return c
+
+
+def test_one_unet_row_at_a_time_gives_the_batched_losses(tiny):
+    ph = add_placeholder(tiny["tokenizer"], tiny["text_encoder"], "<my-bag>", "bag")
+    obj = DenoisingObjective(tiny["tokenizer"], tiny["text_encoder"], tiny["unet"], tiny["scheduler"], ph)
+    g = torch.Generator().manual_seed(0)
+    b = Batch(latents=torch.randn(2, LATENT_CHANNELS, 16, 16, generator=g), captions=["a <my-bag>", "a red <my-bag>"],
+              index=[0, 1], flipped=[False, False])
+    theta = ph.init_vectors[None] + 0.01 * torch.randn(3, *ph.init_vectors.shape, generator=g)
+    with torch.no_grad():
+        full = obj(theta, b, torch.Generator().manual_seed(5))
+        obj.unet_batch = 1
+        rows = obj(theta, b, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(rows, full, rtol=1e-5, atol=1e-7)
+    assert obj.forward_passes == 12
+
+
+def test_chunked_feed_forward_gives_the_same_output_for_any_length(tiny):
+    unet = tiny["unet"]
+    x = torch.randn(2, LATENT_CHANNELS, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 32, 768, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = unet(x, 500, cond).sample
+        assert chunk_feed_forward(unet, tokens=7) > 0           # 7 divides none of the sequence lengths
+        after = unet(x, 500, cond).sample
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    assert all("forward" not in k for k in unet.state_dict())    # parameter names unchanged
+
+
+def test_a_dropped_encoder_says_why(tiny):
+    vae = tiny["vae"]
+    drop_vae_encoder(vae)
+    with pytest.raises(RuntimeError, match="freed by the low-memory mode"):
+        vae.encode(torch.zeros(1, 3, 64, 64))
+    assert vae.decode(torch.zeros(1, LATENT_CHANNELS, 16, 16)).sample.shape == (1, 3, 64, 64)
