@@ -139,3 +139,11 @@ def test_a_dropped_encoder_says_why(tiny):
     with pytest.raises(RuntimeError, match="freed by the low-memory mode"):
         vae.encode(torch.zeros(1, 3, 64, 64))
     assert vae.decode(torch.zeros(1, LATENT_CHANNELS, 16, 16)).sample.shape == (1, 3, 64, 64)
+
+
+@pytest.mark.slow
+def test_sample_images_zero_makes_no_grids(folder_fp16, photos, tmp_path):
+    out = tmp_path / "run"
+    assert personalize(folder_fp16, photos, out, "--low-memory", "--set", "sample_images=0") == 0
+    assert (out / "learned_embeds.safetensors").is_file()
+    assert not list(out.rglob("step_*.png"))

@@ -113,7 +113,7 @@ class RunConfig:
     sample_every: int = 500           # 0: only the final grid
     sample_prompts: list[str] = field(default_factory=lambda: [
         "a photo of a {}", "a {} on a green background", "a {} at the top left"])
-    sample_images: int = 2            # per prompt
+    sample_images: int = 2            # per prompt; 0: no sample grids at all (e.g. a run at the edge of memory)
     sample_steps: int = 25            # DDIM steps
     guidance: float = 0.0             # 0: 4.0 on the embedded model, 7.5 otherwise
     export_a1111: bool = False
@@ -377,7 +377,9 @@ def _validate(cfg: RunConfig) -> tuple[dict, str]:
     for name in ("steps", "resolution", "checkpoint_every", "sample_every", "threads"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("batch_size", "num_vectors", "sample_images", "sample_steps"):
+    if cfg.sample_images < 0:
+        raise ValueError(f"--sample-images must be >= 0 (0: no sample grids), got {cfg.sample_images}")
+    for name in ("batch_size", "num_vectors", "sample_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for p in cfg.sample_prompts:
@@ -535,6 +537,8 @@ def personalize(cfg: RunConfig, progress: bool = False,
     objective.forward_passes = passes
 
     def grid(at: int) -> None:
+        if not cfg.sample_images:
+            return
         img = sample_grid(objective, vae, scheduler.config, method.theta, placeholder, cfg.sample_prompts,
                           cfg.sample_images, cfg.sample_steps, guidance, cfg.seed, latent_shape, scaling)
         save_png(out / "samples" / f"step_{at:06d}.png", img, upscale=max(1, 256 // resolution))
