@@ -58,7 +58,7 @@ def test_a_quantized_folder_trains_the_same_token_as_quantizing_on_the_fly(tiny_
     b = load_file(str(tmp_path / "folder" / "learned_embeds.safetensors"))["<my-bag>"]
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     run = json.loads((tmp_path / "folder" / "run.json").read_text())
-    assert run["weights"] == "int8" and run["unet_forward_passes"] == 9
+    assert run["weights"] == "int8" and run["acts"] is None and run["unet_forward_passes"] == 9
 
 
 @pytest.mark.slow
@@ -147,3 +147,15 @@ def test_sample_images_zero_makes_no_grids(folder_fp16, photos, tmp_path):
     assert personalize(folder_fp16, photos, out, "--low-memory", "--set", "sample_images=0") == 0
     assert (out / "learned_embeds.safetensors").is_file()
     assert not list(out.rglob("step_*.png"))
+
+
+@pytest.mark.slow
+def test_a_calibrated_w8a8_folder_trains_and_says_so(tiny_model, photos, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red bag on a green background\n")
+    folder = quantize(tiny_model, tmp_path / "w8a8", "--acts", "8", "--calib-prompts", str(prompts),
+                      "--calib-steps", "2")
+    out = tmp_path / "run"
+    assert personalize(folder, photos, out, "--set", "sample_images=0") == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["weights"] == "int8" and run["acts"] == 8

@@ -450,8 +450,11 @@ def personalize(cfg: RunConfig, progress: bool = False,
         from .export import load_embedding
         init_vectors = load_embedding(cfg.init_embedding)[1]
 
+    acts = cfg.acts or None
     if quantized_folder:
+        from .quant.io import read_index
         weights = folder_weights(model_path, cfg, mcls)
+        acts = read_index(model_path)["config"].get("acts")      # calibrated when the folder was written
     comps = load_components(cfg.model, device, dtype, defer_unet=quantized_folder)
     tokenizer, te, vae, unet, scheduler = (comps[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
     ucfg = comps["unet_config"]
@@ -608,7 +611,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
     files = method.export(out, cfg.token, step, cfg.export_a1111)
     tail = losses[-max(1, len(losses) // 10):]
     result.summary = {
-        "method": cfg.method, "model": cfg.model, "weights": weights, "acts": cfg.acts or None,
+        "method": cfg.method, "model": cfg.model, "weights": weights, "acts": acts,
         "weight_bits": WEIGHTS[weights] or (16 if dtype in (torch.float16, torch.bfloat16) else 32),
         "token": placeholder.token, "init_word": cfg.init_word, "num_vectors": cfg.num_vectors,
         "prompt_text": placeholder.text,
