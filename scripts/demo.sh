@@ -7,9 +7,14 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 SUBJECT=${SUBJECT:-teal_bag}
 CLASS=$(python -c "import json;print(json.load(open('examples/subjects/$SUBJECT/subject.json'))['class_word'])")
+RUN=out/demo/$SUBJECT
+[ -f "$RUN/run.json" ] && rm -rf "$RUN" "$RUN-samples"     # a finished demo is done again from scratch
+RESUME=()
+[ -d "$RUN" ] && [ -n "$(ls -A "$RUN")" ] && RESUME=(--resume)   # an interrupted one continues
 quantdream personalize --images "examples/subjects/$SUBJECT" --token "<$SUBJECT>" --init-word "$CLASS" \
-  --out out/demo/run "$@"
-quantdream generate --embedding out/demo/run/learned_embeds.safetensors -n 4 --out out/demo/samples \
+  --out "$RUN" "${RESUME[@]}" "$@"
+rm -rf "$RUN-samples"
+quantdream generate --embedding "$RUN/learned_embeds.safetensors" -n 4 --out "$RUN-samples" \
   "a {} on a green background" "a {} at the top left" "a red {}" "a {} next to a sneaker"
-cp out/demo/samples/grid.png out/demo/result.png
-echo "Reference photos: examples/subjects/$SUBJECT/   Result: out/demo/result.png   Run record: out/demo/run/run.json"
+cp "$RUN-samples/grid.png" out/demo/result.png
+echo "Reference photos: examples/subjects/$SUBJECT/   Result: out/demo/result.png   Run record: $RUN/run.json"
