@@ -26,6 +26,20 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def frozen_tiny():
+    """Fresh components of the embedded model's architecture with random weights (seeded), frozen and in
+    eval mode, in memory: tests may change them."""
+    import torch
+
+    from quantdream.models.embedded import build_components
+    torch.manual_seed(0)
+    c = build_components()
+    for m in (c["text_encoder"], c["unet"], c["vae"]):
+        m.requires_grad_(False).eval()
+    return c
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A diffusers folder of the embedded model's architecture with random weights (seeded), built once per

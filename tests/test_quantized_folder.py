@@ -10,10 +10,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from quantdream.cli.main import main
-from quantdream.data.dataset import Batch
 from quantdream.memory import chunk_feed_forward, drop_vae_encoder
-from quantdream.methods.base import DenoisingObjective, add_placeholder
-from quantdream.models.embedded import LATENT_CHANNELS, build_components
+from quantdream.models.embedded import LATENT_CHANNELS
 from quantdream.quant.io import load_quantized
 
 
@@ -86,6 +84,26 @@ def test_what_a_quantized_folder_cannot_do_is_refused_clearly(folder_fp16, photo
     assert not out.exists()
 
 
+@pytest.mark.parametrize("damage,match", [
+    ("corrupt", r"quantdream.json is not valid JSON"),
+    ("no_tokenizer", r"a pipeline also needs tokenizer: re-run `quantdream quantize`"),
+])
+def test_a_damaged_folder_is_refused_clearly(folder_fp16, photos, tmp_path, capsys, damage, match):
+    import shutil
+    bad = shutil.copytree(folder_fp16, tmp_path / "bad")
+    index = bad / "quantdream.json"
+    if damage == "corrupt":
+        index.write_text("{not json")
+    else:
+        d = json.loads(index.read_text())
+        del d["components"]["tokenizer"]
+        index.write_text(json.dumps(d))
+    out = tmp_path / "run"
+    assert personalize(bad, photos, out) != 0
+    assert re.search(match, capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_narrow_token_table_gives_the_same_text_features(folder_fp16):
     wide = load_quantized(folder_fp16, ["text_encoder"])["text_encoder"]
     narrow = load_quantized(folder_fp16, ["text_encoder"], narrow_embeddings=True)["text_encoder"]
@@ -97,32 +115,8 @@ def test_narrow_token_table_gives_the_same_text_features(folder_fp16):
 
 
 # ----------------------------------------------------------------------------- the low-memory parts
-@pytest.fixture
-def tiny():
-    torch.manual_seed(0)
-    c = build_components()
-    for m in (c["text_encoder"], c["unet"], c["vae"]):
-        m.requires_grad_(False).eval()
-    return c
-
-
-def test_one_unet_row_at_a_time_gives_the_batched_losses(tiny):
-    ph = add_placeholder(tiny["tokenizer"], tiny["text_encoder"], "<my-bag>", "bag")
-    obj = DenoisingObjective(tiny["tokenizer"], tiny["text_encoder"], tiny["unet"], tiny["scheduler"], ph)
-    g = torch.Generator().manual_seed(0)
-    b = Batch(latents=torch.randn(2, LATENT_CHANNELS, 16, 16, generator=g), captions=["a <my-bag>", "a red <my-bag>"],
-              index=[0, 1], flipped=[False, False])
-    theta = ph.init_vectors[None] + 0.01 * torch.randn(3, *ph.init_vectors.shape, generator=g)
-    with torch.no_grad():
-        full = obj(theta, b, torch.Generator().manual_seed(5))
-        obj.unet_batch = 1
-        rows = obj(theta, b, torch.Generator().manual_seed(5))
-    torch.testing.assert_close(rows, full, rtol=1e-5, atol=1e-7)
-    assert obj.forward_passes == 12
-
-
-def test_chunked_feed_forward_gives_the_same_output_for_any_length(tiny):
-    unet = tiny["unet"]
+def test_chunked_feed_forward_gives_the_same_output_for_any_length(frozen_tiny):
+    unet = frozen_tiny["unet"]
     x = torch.randn(2, LATENT_CHANNELS, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = torch.randn(2, 32, 768, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -133,8 +127,8 @@ def test_chunked_feed_forward_gives_the_same_output_for_any_length(tiny):
     assert all("forward" not in k for k in unet.state_dict())    # parameter names unchanged
 
 
-def test_a_dropped_encoder_says_why(tiny):
-    vae = tiny["vae"]
+def test_a_dropped_encoder_says_why(frozen_tiny):
+    vae = frozen_tiny["vae"]
     drop_vae_encoder(vae)
     with pytest.raises(RuntimeError, match="freed by the low-memory mode"):
         vae.encode(torch.zeros(1, 3, 64, 64))

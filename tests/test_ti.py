@@ -10,7 +10,7 @@ from quantdream.data.dataset import Batch
 from quantdream.methods.base import DenoisingObjective, Streams, add_placeholder, check_placeholder
 from quantdream.methods.ti import TIConfig, TextualInversion
 from quantdream.methods.zoodip import ZoodipConfig, Zoodip
-from quantdream.models.embedded import LATENT_CHANNELS, build_components
+from quantdream.models.embedded import LATENT_CHANNELS
 
 
 @pytest.fixture(autouse=True)
@@ -19,15 +19,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture
-def tiny():
-    torch.manual_seed(0)
-    c = build_components()
-    for m in (c["text_encoder"], c["unet"], c["vae"]):
-        m.requires_grad_(False).eval()
-    return c
 
 
 def setup(c, num_vectors=1):
@@ -42,8 +33,8 @@ def batch(captions=("a photo of a <my-bag>",), seed=0):
                  index=[0] * len(captions), flipped=[False] * len(captions))
 
 
-def test_placeholder_added_like_sd(tiny):
-    tok, te = tiny["tokenizer"], tiny["text_encoder"]
+def test_placeholder_added_like_sd(frozen_tiny):
+    tok, te = frozen_tiny["tokenizer"], frozen_tiny["text_encoder"]
     n0 = len(tok)
     ph = add_placeholder(tok, te, "<my-bag>", "bag", num_vectors=3)
     assert ph.tokens == ["<my-bag>", "<my-bag>_1", "<my-bag>_2"] and ph.text == "<my-bag> <my-bag>_1 <my-bag>_2"
@@ -59,27 +50,27 @@ def test_placeholder_added_like_sd(tiny):
     ("<my bag>", "bag", "must be one word without spaces"),
     ("<my-bag>", "stuffed animal", r"--init-word 'stuffed animal' splits into 2 tokens"),
 ])
-def test_bad_tokens_are_refused_before_any_change(tiny, token, init, match):
-    tok, te = tiny["tokenizer"], tiny["text_encoder"]
+def test_bad_tokens_are_refused_before_any_change(frozen_tiny, token, init, match):
+    tok, te = frozen_tiny["tokenizer"], frozen_tiny["text_encoder"]
     n0, w0 = len(tok), te.get_input_embeddings().weight.clone()
     with pytest.raises(ValueError, match=match):
         add_placeholder(tok, te, token, init)
     assert len(tok) == n0 and torch.equal(te.get_input_embeddings().weight, w0)
 
 
-def test_width_mismatch_is_refused(tiny):
+def test_width_mismatch_is_refused(frozen_tiny):
     with pytest.raises(ValueError, match=r"shape \(1, 1024\) but this model needs \(1, 768\)"):
-        check_placeholder(tiny["tokenizer"], tiny["text_encoder"], "<x>", "bag", 1, torch.zeros(1, 1024))
+        check_placeholder(frozen_tiny["tokenizer"], frozen_tiny["text_encoder"], "<x>", "bag", 1, torch.zeros(1, 1024))
 
 
-def test_splice_matches_the_embedding_table(tiny):
+def test_splice_matches_the_embedding_table(frozen_tiny):
     """Conditioning with theta spliced in == writing theta into the table (what a stock pipeline does)."""
-    ph, obj = setup(tiny, num_vectors=2)
+    ph, obj = setup(frozen_tiny, num_vectors=2)
     theta = torch.randn(2, 768, generator=torch.Generator().manual_seed(1)) * 0.02
     caps = ["a photo of a " + ph.text]
     cond = obj.encode_text(theta[None], caps)
     obj.close()
-    te = tiny["text_encoder"]
+    te = frozen_tiny["text_encoder"]
     with torch.no_grad():
         for i, v in zip(ph.ids, theta):
             te.get_input_embeddings().weight[i] = v
@@ -87,8 +78,8 @@ def test_splice_matches_the_embedding_table(tiny):
     torch.testing.assert_close(cond, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_candidates_share_noise_and_batching_is_exact(tiny):
-    ph, obj = setup(tiny)
+def test_candidates_share_noise_and_batching_is_exact(frozen_tiny):
+    ph, obj = setup(frozen_tiny)
     b = batch()
     th = ph.init_vectors
     other = th + 0.05 * torch.randn(th.shape, generator=torch.Generator().manual_seed(2))
@@ -101,24 +92,37 @@ def test_candidates_share_noise_and_batching_is_exact(tiny):
     assert obj.forward_passes == 3 + 1 + 1
 
 
-def test_ti_gradient_reaches_only_the_token_rows(tiny):
-    ph, obj = setup(tiny)
-    frozen = {n: p.clone() for m in ("text_encoder", "unet") for n, p in tiny[m].named_parameters(prefix=m)}
+def test_one_unet_row_at_a_time_gives_the_batched_losses(frozen_tiny):
+    ph, obj = setup(frozen_tiny)
+    b = batch(("a photo of a <my-bag>", "a red <my-bag>"))
+    theta = ph.init_vectors[None] + 0.01 * torch.randn(3, *ph.init_vectors.shape,
+                                                       generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = obj(theta, b, torch.Generator().manual_seed(5))
+        obj.unet_batch = 1                                          # the low-memory mode's setting
+        rows = obj(theta, b, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(rows, full, rtol=1e-5, atol=1e-7)
+    assert obj.forward_passes == 12
+
+
+def test_ti_gradient_reaches_only_the_token_rows(frozen_tiny):
+    ph, obj = setup(frozen_tiny)
+    frozen = {n: p.clone() for m in ("text_encoder", "unet") for n, p in frozen_tiny[m].named_parameters(prefix=m)}
     ti = TextualInversion(obj, ph.init_vectors, TIConfig(lr=1e-2))
     theta0 = ti.theta.detach().clone()
     ti.step(batch(), Streams.from_seed(0))
     assert ti.theta.grad is not None and ti.theta.grad.abs().sum() > 0
     assert not torch.equal(ti.theta.detach(), theta0)
     for m in ("text_encoder", "unet", "vae"):
-        for n, p in tiny[m].named_parameters():
+        for n, p in frozen_tiny[m].named_parameters():
             assert p.grad is None and not p.requires_grad, n
     for m in ("text_encoder", "unet"):
-        for n, p in tiny[m].named_parameters(prefix=m):
+        for n, p in frozen_tiny[m].named_parameters(prefix=m):
             assert torch.equal(p, frozen[n]), n                      # incl. the whole embedding table
 
 
-def test_ti_gradient_matches_finite_differences(tiny):
-    ph, obj = setup(tiny)
+def test_ti_gradient_matches_finite_differences(frozen_tiny):
+    ph, obj = setup(frozen_tiny)
     theta = ph.init_vectors.clone().requires_grad_(True)
     b = batch()
     loss = obj(theta[None], b, torch.Generator().manual_seed(3))[0]
@@ -132,13 +136,13 @@ def test_ti_gradient_matches_finite_differences(tiny):
     assert float((lp - lm) / (2 * h)) == pytest.approx(float((g * d).sum()), rel=0.05, abs=1e-5)
 
 
-def test_zoodip_step_without_autograd_in_one_batch(tiny):
-    ph, obj = setup(tiny)
+def test_zoodip_step_without_autograd_in_one_batch(frozen_tiny):
+    ph, obj = setup(frozen_tiny)
     calls = []
-    hook = tiny["unet"].register_forward_hook(lambda m, i, o: calls.append((i[0].shape[0], torch.is_grad_enabled())))
+    hook = frozen_tiny["unet"].register_forward_hook(lambda m, i, o: calls.append((i[0].shape[0], torch.is_grad_enabled())))
     zo = Zoodip(obj, ph.init_vectors, ZoodipConfig(n=3, tau=4))
     streams = Streams.from_seed(0)
-    table0 = tiny["text_encoder"].get_input_embeddings().weight.clone()
+    table0 = frozen_tiny["text_encoder"].get_input_embeddings().weight.clone()
     theta0 = zo.theta.clone()
     for _ in range(5):
         loss = zo.step(batch(), streams)
@@ -146,21 +150,21 @@ def test_zoodip_step_without_autograd_in_one_batch(tiny):
     assert calls == [(4, False)] * 5                                 # clean + 3 perturbed, one UNet call, no grad
     assert not loss.requires_grad and obj.forward_passes == 20
     assert not torch.equal(zo.theta, theta0)
-    assert torch.equal(tiny["text_encoder"].get_input_embeddings().weight, table0)
+    assert torch.equal(frozen_tiny["text_encoder"].get_input_embeddings().weight, table0)
     assert zo.sg.count == 5 and zo.sg.P is not None and zo.d_eff == 768 - zo.sg.P.shape[0]
     assert obj.timesteps.t_low == 500 and obj.timesteps.t_high == 900
 
 
-def test_zoodip_switches(tiny):
-    ph, obj = setup(tiny)
+def test_zoodip_switches(frozen_tiny):
+    ph, obj = setup(frozen_tiny)
     zo = Zoodip(obj, ph.init_vectors, ZoodipConfig(sg=False, puts=False, scheme="central", n=2))
     assert zo.sg is None and zo.d_eff == 768 and obj.timesteps.t_low == 0 and obj.timesteps.t_high == 1000
     zo.step(batch(), Streams.from_seed(0))
     assert obj.forward_passes == 4
 
 
-def test_zoodip_state_round_trip_continues_identically(tiny):
-    ph, obj = setup(tiny)
+def test_zoodip_state_round_trip_continues_identically(frozen_tiny):
+    ph, obj = setup(frozen_tiny)
     cfg = ZoodipConfig(tau=3, lr=1e-2)
     a = Zoodip(obj, ph.init_vectors, cfg)
     sa = Streams.from_seed(1)

@@ -116,7 +116,6 @@ def return_freed_memory_eagerly(threshold_mib: float = 4.0) -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, n)) and bool(libc.mallopt(M_TRIM_THRESHOLD, n))
 
 
-
 def _chunked(forward, tokens: int, hidden_states, *args, **kwargs):
     import torch
     if hidden_states.dim() < 3 or hidden_states.shape[1] <= tokens:

@@ -243,11 +243,13 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, defer_
                 scheduler=scheduler, unet_config=unet_config, load_unet=load_unet)
 
 
-def folder_weights(path: Path, cfg: RunConfig, mcls) -> str:
+def folder_weights(path: Path, cfg: RunConfig, mcls) -> tuple[str, int | None]:
     """A quantized folder fixes the UNet's bit width: --weights must be auto or the same, and the
-    method must train on it; --acts belongs to `quantdream quantize` (calibration needs the float model)."""
+    method must train on it; --acts belongs to `quantdream quantize` (calibration needs the float model).
+    Returns (weights, the activation width calibrated when the folder was written)."""
     from .quant.io import read_index
-    layers = read_index(path)["components"].get("unet", {}).get("layers", {})
+    index = read_index(path)
+    layers = index["components"].get("unet", {}).get("layers", {})
     bits = sorted({spec["bits"] for spec in layers.values()})
     have = {(8,): "int8", (4,): "int4"}.get(tuple(bits), "none" if not bits else f"mixed {bits}")
     if cfg.weights not in ("auto", have):
@@ -261,7 +263,7 @@ def folder_weights(path: Path, cfg: RunConfig, mcls) -> str:
     if cfg.acts:
         raise ValueError(f"--acts {cfg.acts} with a quantized folder: calibrate when quantizing "
                          f"(`quantdream quantize --weights {have} --acts {cfg.acts}`), the calibration needs the float model")
-    return have
+    return have, index["config"].get("acts")
 
 
 def quantizer(weights: str):
@@ -452,9 +454,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
 
     acts = cfg.acts or None
     if quantized_folder:
-        from .quant.io import read_index
-        weights = folder_weights(model_path, cfg, mcls)
-        acts = read_index(model_path)["config"].get("acts")      # calibrated when the folder was written
+        weights, acts = folder_weights(model_path, cfg, mcls)
     comps = load_components(cfg.model, device, dtype, defer_unet=quantized_folder)
     tokenizer, te, vae, unet, scheduler = (comps[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
     ucfg = comps["unet_config"]
@@ -480,14 +480,13 @@ def personalize(cfg: RunConfig, progress: bool = False,
         placeholder = add_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
     else:
         placeholder = identifier_placeholder(token, cfg.init_word, width)
+    te.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval()
     scaling = float(vae.config.scaling_factor)
     if quantized_folder:  # the photos are encoded before the UNet is loaded: their activations never meet it
-        te.requires_grad_(False).eval()
-        vae.requires_grad_(False).eval()
         data.encode(vae, scaling, device=device, dtype=dtype)
         unet = comps["load_unet"]()
-    for m in (te, vae, unet):
-        m.requires_grad_(False).eval()
+    unet.requires_grad_(False).eval()
     calib = None
     if cfg.acts:  # Q-Diffusion: calibration inputs come from the float model's own sampling runs
         from .quant import collect_unet_inputs

@@ -1,5 +1,6 @@
 """Resolve and load a text-to-image model: ``tiny`` (the embedded model), a diffusers folder, or a
-single-file ``.safetensors``/``.ckpt`` Stable Diffusion checkpoint. Never downloads."""
+single-file ``.safetensors``/``.ckpt`` Stable Diffusion checkpoint, or a quantized folder written by
+``quantdream quantize``. Never downloads."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..quant.io import INDEX as QUANTIZED_INDEX  # marks a folder written by `quantdream quantize`
 from .embedded import PACKAGE_MODEL_DIR
 
 # sampling defaults per model family: (steps, guidance)
@@ -30,9 +32,6 @@ def warn_if_partially_trained(path: Path) -> None:
 
 
 _WARNED: list = []
-
-
-QUANTIZED_INDEX = "quantdream.json"   # marks a folder written by `quantdream quantize` (quant.io.INDEX)
 
 
 def is_quantized_folder(path: str | Path) -> bool:
@@ -102,7 +101,7 @@ def quantized_folder_parts(path: Path) -> list[str]:
     missing = [c for c in need if c not in comps]
     if missing:
         raise ValueError(f"{path} holds {', '.join(comps)} but a pipeline also needs {', '.join(missing)}: "
-                         "quantize the whole pipeline (`quantdream quantize` without --components keeps every part)")
+                         "re-run `quantdream quantize` on the whole diffusers pipeline folder")
     return need
 
 
@@ -112,12 +111,13 @@ def load_quantized_pipeline(path: Path, device: str = "cpu", dtype: torch.dtype 
     low-bit form, no float staging). ``skip``: parts not to load now (they are None in the pipeline);
     ``narrow_embeddings``: see :func:`quantdream.quant.io.load_quantized`."""
     from ..quant.io import load_quantized
-    names = [c for c in quantized_folder_parts(path) if c not in skip]
-    parts = load_quantized(path, names, dtype=dtype, device=device, narrow_embeddings=narrow_embeddings)
+    names = quantized_folder_parts(path)
+    parts = load_quantized(path, [c for c in names if c not in skip], dtype=dtype, device=device,
+                           narrow_embeddings=narrow_embeddings)
     cls = pipeline_class(path)
     kw = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) \
         if cls.__name__ == "StableDiffusionPipeline" else {}
-    pipe = cls(**{c: parts.get(c) for c in quantized_folder_parts(path)}, **kw)
+    pipe = cls(**{c: parts.get(c) for c in names}, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

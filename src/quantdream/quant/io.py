@@ -314,8 +314,8 @@ def load_quantized(path: str | os.PathLike, components: Sequence[str] | None = N
     49,408 x 768 token table in fp16: 72 MiB, not 145) stays as stored and its lookups are cast to
     ``dtype``: the same numbers as widening the table (widening adds no information), but the model's
     ``.dtype`` (its first parameter's) then reads fp16, which stock pipelines cast prompts to; so only
-    for callers that set their own compute dtype (personalize's objective). drop: submodules not to load, e.g. ``{"vae": ["decoder", "post_quant_conv"]}``
-    for an encoder-only VAE. Every check (layout, version, classes, tensor names and shapes) runs
+    for callers that set their own compute dtype (personalize's objective). drop: submodules not to
+    load, e.g. ``{"vae": ["decoder", "post_quant_conv"]}`` for an encoder-only VAE. Every check (layout, version, classes, tensor names and shapes) runs
     before any tensor is allocated.
     """
     path = Path(path)
