@@ -82,17 +82,17 @@ def storage(work: Path) -> dict:
 # -- resident memory (child process) ---------------------------------------------------------------------
 def memory_child(folder: str, res: int, dtype: str, opts: str = "") -> None:
     torch.set_num_threads(1)
-    from quantdream.memory import chunk_feed_forward, low_memory_allocator, peak, proc_status
-    import quantdream.quant.modules as qmod
+    from quantdream.memory import low_memory_allocator, low_memory_unet, peak, proc_status, skip_unused_integrations
     from quantdream.quant.io import load_quantized
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    if "lowmem" in opts:   # personalize --low-memory's allocator, 2M-element weight chunks, chunked feed-forwards
+    if "lowmem" in opts:   # personalize --low-memory: allocator, unused integrations, mapped tables, low_memory_unet
         low_memory_allocator()
-        qmod.CHUNK_ELEMENTS = 1 << 21
+        skip_unused_integrations()
     t0 = time.perf_counter()
-    m = load_quantized(folder, ["unet", "text_encoder", "vae"], dtype=dt, drop={"vae": ["decoder", "post_quant_conv"]})
+    m = load_quantized(folder, ["unet", "text_encoder", "vae"], dtype=dt, drop={"vae": ["decoder", "post_quant_conv"]},
+                       narrow_embeddings="lowmem" in opts)   # token table mapped from the file, rows read on demand
     if "lowmem" in opts:
-        chunk_feed_forward(m["unet"])
+        low_memory_unet(m["unet"])
     after_load = proc_status()
     load_s = time.perf_counter() - t0
     unet, te = m["unet"], m["text_encoder"]

@@ -38,6 +38,8 @@ def test_tiny_token_and_weight_methods_in_subprocesses(tmp_path, capsys):
         assert r["whole_process_peak_mib"] >= r["training_peak"]["vmhwm_mib"]
         assert r["seconds_per_step"] > 0 and r["unet_forward_passes_per_step"] == passes
         assert r["storage_files"] == files
+        # quantized runs load a quantized folder as a user's `--model DIR` run does; float runs build
+        assert r["model"] == ("quantized folder, loaded as --model DIR" if weights == "int8" else "built layer by layer")
         # what is trained is stored in fp32: at least 4 bytes per trained number
         assert r["trainable_parameters"] > 0 and r["storage_bytes"] >= 4 * r["trainable_parameters"]
     for name in ("zoodip", "ti"):
@@ -156,3 +158,19 @@ def test_markdown_and_summary_from_rows():
     md = memory_markdown({"rows": rows, "summary": s})
     assert "| ti | sd15 | none | 512 | ok | 10000 |" in md and "3.1 KB" in md and "ti (none) 4.00x" in md
     assert "failed: killed by the OS (out of memory?)" in md
+
+
+@pytest.mark.parametrize("needed, hidden", [((), ["peft", "bitsandbytes"]), (("peft", "bitsandbytes"), [])])
+def test_unused_integrations_are_hidden_from_diffusers_in_a_fresh_process(needed, hidden):
+    """The low-memory mode's part 0: diffusers then runs as on a machine without peft / bitsandbytes."""
+    import subprocess
+    import sys
+    code = ("import sys, json; from quantdream.memory import skip_unused_integrations as s; "
+            f"h = s({needed!r}); from diffusers import UNet2DConditionModel; "
+            "from diffusers.utils import is_peft_available; "
+            "print(json.dumps([h, is_peft_available(), s()]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got, peft_seen, again = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got == hidden and again == []                 # once diffusers is imported nothing more is hidden
+    assert peft_seen == (not hidden)

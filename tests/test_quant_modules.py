@@ -67,6 +67,10 @@ def test_row_chunking_does_not_change_results(monkeypatch):
     assert len(lin._row_chunks()) > 1
     torch.testing.assert_close(lin(x1), whole[0])
     torch.testing.assert_close(conv(x2), whole[1])
+    monkeypatch.undo()
+    lin.chunk_elements = 64                      # per layer, as memory.low_memory_unet sets it
+    assert len(lin._row_chunks()) == 40 * 32 // 64 and len(conv._row_chunks()) == 1
+    torch.testing.assert_close(lin(x1), whole[0])
 
 
 def _toy():

@@ -1,5 +1,6 @@
 """A folder written by `quantdream quantize` is a model every command takes (--model DIR), and the
 low-memory mode (--low-memory) changes the resident peak, not the result."""
+import copy
 import json
 import re
 
@@ -10,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from quantdream.cli.main import main
-from quantdream.memory import chunk_feed_forward, drop_vae_encoder
+from quantdream.memory import chunk_feed_forward, drop_vae_parts
 from quantdream.models.embedded import LATENT_CHANNELS
 from quantdream.quant.io import load_quantized
 
@@ -114,6 +115,54 @@ def test_narrow_token_table_gives_the_same_text_features(folder_fp16):
         torch.testing.assert_close(narrow(ids)[0], wide(ids)[0], rtol=0, atol=0)
 
 
+
+def _mapped_files(ptr: int) -> list[str]:
+    """Files whose mapping in this process contains address ``ptr`` (Linux /proc/self/maps)."""
+    hits = []
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= ptr < hi and len(parts) >= 6:
+            hits.append(parts[5])
+    return hits
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_narrow_token_table_is_mapped_from_the_file_and_writable_privately(folder_fp16):
+    te = load_quantized(folder_fp16, ["text_encoder"], narrow_embeddings=True)["text_encoder"]
+    table = te.get_input_embeddings().weight
+    wfile = folder_fp16 / "text_encoder" / "quantized.safetensors"
+    assert _mapped_files(table.data_ptr()) == [str(wfile.resolve())]      # not a heap copy
+    before = wfile.read_bytes()
+    with torch.no_grad():
+        table[3] = 1.0                                                     # what add_placeholder/write_rows do
+    assert wfile.read_bytes() == before                                    # copy-on-write: the file is untouched
+    assert torch.all(table[3] == 1.0)
+    wide = load_quantized(folder_fp16, ["text_encoder"])["text_encoder"].get_input_embeddings().weight
+    assert _mapped_files(wide.data_ptr()) != [str(wfile.resolve())]
+
+
+def test_a_new_token_grows_a_mapped_table_without_copying_it(folder_fp16):
+    from quantdream.methods.base import GrownEmbedding, add_placeholder, write_rows
+    parts = load_quantized(folder_fp16, ["text_encoder", "tokenizer"], narrow_embeddings=True)
+    te, tok = parts["text_encoder"], parts["tokenizer"]
+    ref = load_quantized(folder_fp16, ["text_encoder", "tokenizer"])        # resized the stock way
+    wfile = str((folder_fp16 / "text_encoder" / "quantized.safetensors").resolve())
+    ph = add_placeholder(tok, te, "<my-a>", "bag", num_vectors=2)
+    ph_ref = add_placeholder(ref["tokenizer"], ref["text_encoder"], "<my-a>", "bag", num_vectors=2)
+    emb = te.get_input_embeddings()
+    assert isinstance(emb, GrownEmbedding) and _mapped_files(emb.weight.data_ptr()) == [wfile]
+    assert ph.ids == ph_ref.ids and emb.num_embeddings == len(tok) == emb.weight.shape[0] + 2
+    theta = torch.randn(2, emb.embedding_dim, generator=torch.Generator().manual_seed(0)).half().float()
+    write_rows(te, ph, theta)                                               # (fp16 values: the table's dtype)
+    write_rows(ref["text_encoder"], ph_ref, theta)
+    ids = tok(f"a {ph.text} next to a bag", padding="max_length", max_length=tok.model_max_length,
+              return_tensors="pt").input_ids
+    with torch.no_grad():       # the grown table and the resized one give the same text features
+        torch.testing.assert_close(te(ids)[0], ref["text_encoder"](ids)[0], rtol=0, atol=0)
+    add_placeholder(tok, te, "<my-b>", "bag")                                # a second token grows it again
+    assert emb.extra_rows.shape[0] == 3 and torch.equal(emb.extra_rows[:2], theta.half())
+
 # ----------------------------------------------------------------------------- the low-memory parts
 def test_chunked_feed_forward_gives_the_same_output_for_any_length(frozen_tiny):
     unet = frozen_tiny["unet"]
@@ -127,12 +176,15 @@ def test_chunked_feed_forward_gives_the_same_output_for_any_length(frozen_tiny):
     assert all("forward" not in k for k in unet.state_dict())    # parameter names unchanged
 
 
-def test_a_dropped_encoder_says_why(frozen_tiny):
-    vae = frozen_tiny["vae"]
-    drop_vae_encoder(vae)
-    with pytest.raises(RuntimeError, match="freed by the low-memory mode"):
+def test_dropped_autoencoder_parts_say_why(frozen_tiny):
+    vae = copy.deepcopy(frozen_tiny["vae"])
+    drop_vae_parts(vae)
+    with pytest.raises(RuntimeError, match="freed by the low-memory mode after the photos were encoded"):
         vae.encode(torch.zeros(1, 3, 64, 64))
     assert vae.decode(torch.zeros(1, LATENT_CHANNELS, 16, 16)).sample.shape == (1, 3, 64, 64)
+    drop_vae_parts(vae, decoder=True)
+    with pytest.raises(RuntimeError, match="draws no sample grids"):
+        vae.decode(torch.zeros(1, LATENT_CHANNELS, 16, 16))
 
 
 @pytest.mark.slow

@@ -144,6 +144,7 @@ def chunk_feed_forward(unet, tokens: int = 1024) -> int:
 
 LOW_MEMORY_MMAP_MIB = 0.125   # glibc serves allocations >= 128 KiB with their own mmap in low-memory mode
 LOW_MEMORY_FF_TOKENS = 1024   # feed-forward positions at a time
+LOW_MEMORY_CHUNK_ELEMENTS = 1 << 20   # quantized weights rebuilt at once
 
 
 def low_memory_allocator() -> bool:
@@ -153,21 +154,55 @@ def low_memory_allocator() -> bool:
     return return_freed_memory_eagerly(LOW_MEMORY_MMAP_MIB)
 
 
+OPTIONAL_INTEGRATIONS = ("peft", "bitsandbytes")
+
+
+def skip_unused_integrations(needed: tuple[str, ...] = ()) -> list[str]:
+    """Part 0, before diffusers is imported: diffusers imports every optional integration it finds
+    installed, and peft (+71 MiB resident) and bitsandbytes (+37 MiB) are imported even by runs that
+    never use them. Those not in ``needed`` are marked absent for this process (``sys.modules[name] =
+    None``: ``importlib.util.find_spec`` then reports them missing, as on a machine without them).
+    Returns the names hidden; nothing once diffusers or transformers is already imported."""
+    import sys
+    if "diffusers" in sys.modules or "transformers" in sys.modules:
+        return []
+    hidden = [n for n in OPTIONAL_INTEGRATIONS if n not in needed and n not in sys.modules]
+    for n in hidden:
+        sys.modules[n] = None
+    return hidden
+
+
+def low_memory_unet(unet) -> None:
+    """The UNet part of the low-memory mode: feed-forwards run 1024 positions at a time and quantized
+    layers rebuild 1M weights at a time (4 MiB in fp32, not 32): the same outputs, a lower transient."""
+    from .quant.modules import QuantizedLayer
+    chunk_feed_forward(unet, LOW_MEMORY_FF_TOKENS)
+    for m in unet.modules():
+        if isinstance(m, QuantizedLayer):
+            m.chunk_elements = LOW_MEMORY_CHUNK_ELEMENTS
+
+
 def low_memory_objective(objective) -> None:
     """Part 2, on a built :class:`~quantdream.methods.base.DenoisingObjective`: the UNet runs one row
     at a time instead of the clean and perturbed rows together (same inputs and common random numbers,
-    so the same estimate up to float rounding) and its feed-forwards 1024 positions at a time. Slower
-    per step (less batching, page faults); the point is the resident peak."""
+    so the same estimate up to float rounding), plus :func:`low_memory_unet`. Slower per step (less
+    batching, page faults); the point is the resident peak."""
     objective.unet_batch = 1
-    chunk_feed_forward(objective.unet, LOW_MEMORY_FF_TOKENS)
+    low_memory_unet(objective.unet)
 
 
-def drop_vae_encoder(vae) -> None:
-    """Part 3, once the photos are encoded and the method is set up: free the autoencoder's encoder
-    (its decoder stays for sample grids). A later ``vae.encode`` raises a clear error."""
+def drop_vae_parts(vae, decoder: bool = False) -> None:
+    """Part 3, once the photos are encoded and the method is set up: free the autoencoder's encoder, and
+    its decoder too when the run draws no sample grids (``--set sample_images=0``). Using a freed part
+    raises a clear error."""
     from .quant.io import DroppedModule
-    for name in ("encoder", "quant_conv"):
+    why = {"encoder": "was freed by the low-memory mode after the photos were encoded; run without "
+                      "--low-memory to encode more",
+           "decoder": "was freed by the low-memory mode: the run draws no sample grids (sample_images=0)"}
+    parts = {"encoder": "encoder", "quant_conv": "encoder"}
+    if decoder:
+        parts.update({"decoder": "decoder", "post_quant_conv": "decoder"})
+    for name, kind in parts.items():
         if getattr(vae, name, None) is not None:
-            setattr(vae, name, DroppedModule(f"vae.{name}", "was freed by the low-memory mode after the photos "
-                                                            "were encoded; run without --low-memory to encode more"))
+            setattr(vae, name, DroppedModule(f"vae.{name}", why[kind]))
     malloc_trim()

@@ -432,8 +432,10 @@ def personalize(cfg: RunConfig, progress: bool = False,
         captions = images_dir / "captions.json"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.low_memory and not memory_mod.low_memory_allocator():
-        logger.warning("--low-memory: glibc's mallopt is not available here; freed memory stays in the heap")
+    if cfg.low_memory:
+        if not memory_mod.low_memory_allocator():
+            logger.warning("--low-memory: glibc's mallopt is not available here; freed memory stays in the heap")
+        memory_mod.skip_unused_integrations(method_class(cfg.method).integrations)
     from .models.load import pick_device
     device = torch.device(pick_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
@@ -531,7 +533,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
                             steps=steps))
     method_setup_seconds = time.perf_counter() - t_method_setup
     if cfg.low_memory:
-        memory_mod.drop_vae_encoder(vae)
+        memory_mod.drop_vae_parts(vae, decoder=not cfg.sample_images)
     if ckpt is not None:
         method.load_state_dict(ckpt["method"])
         streams.load_state_dict(ckpt["streams"])

@@ -73,6 +73,8 @@ class BenchSpec:
     device: str = "auto"          # auto | cpu | cuda
     dtype: str = "auto"           # auto: float16 on CUDA, float32 on CPU
     low_memory: bool = False      # personalize's --low-memory (memory.low_memory_allocator / _objective)
+    model_dir: str = ""           # a quantized folder to load as `personalize --model DIR` does (bench_memory
+                                  # writes one for int8/int4 runs); "": build the model layer by layer
 
     def resolved_resolution(self) -> int:
         return self.resolution or NATIVE_RESOLUTION[self.arch]
@@ -370,7 +372,8 @@ def _git_revision() -> str | None:
 def _base_row(spec: BenchSpec, weights: str) -> dict:
     return {"method": spec.method, "arch": spec.arch, "weights": weights, "resolution": spec.resolved_resolution(),
             "steps": spec.steps, "images": spec.images, "batch_size": spec.batch_size, "threads": spec.threads,
-            "low_memory": spec.low_memory}
+            "low_memory": spec.low_memory,
+            "model": "quantized folder, loaded as --model DIR" if spec.model_dir else "built layer by layer"}
 
 
 def check_spec(spec: BenchSpec) -> None:
@@ -421,6 +424,9 @@ def measure_in_process(spec: BenchSpec) -> dict:
     if spec.low_memory:
         if not memory.low_memory_allocator():
             return {**row, "status": "failed", "note": "--low-memory needs glibc's mallopt (not available here)"}
+        from ..methods import METHODS, method_class
+        memory.skip_unused_integrations(method_class(spec.method).integrations if spec.method in METHODS
+                                        else memory.OPTIONAL_INTEGRATIONS)
     if weights == "nf4":  # train.py would fall back to float Linear layers: not the configuration asked for
         from ..methods.lora import BNB_HINT, bnb_linear4bit_works
         why = bnb_linear4bit_works()
@@ -444,7 +450,17 @@ def measure_in_process(spec: BenchSpec) -> dict:
         def before_unet(c: dict) -> None:   # as train.py with a quantized folder: fp16 token table, photos first
             _narrow_embeddings(c["text_encoder"], dtype)
             encode(c)
-        comps = build_components(spec, weights, device, dtype, bm.prepare, before_unet if early else None)
+        if spec.model_dir:      # train.py's path for --model QUANTIZED_DIR: no float layer is ever built
+            from ..train import load_components
+            comps = load_components(spec.model_dir, device, dtype, defer_unet=True)
+            comps["device"], comps["dtype"] = device, dtype
+            for m in ("text_encoder", "vae"):
+                comps[m].requires_grad_(False).eval()
+            encode(comps)
+            comps["unet"] = comps.pop("load_unet")().requires_grad_(False).eval()
+            (bm.prepare or _default_prepare)(comps["text_encoder"], comps["vae"], comps["unet"], weights)
+        else:
+            comps = build_components(spec, weights, device, dtype, bm.prepare, before_unet if early else None)
         comps["workdir"] = Path(tmp)
         if not early:
             encode(comps)
@@ -452,7 +468,7 @@ def measure_in_process(spec: BenchSpec) -> dict:
         if spec.low_memory:
             if getattr(trainer, "objective", None) is not None:
                 memory.low_memory_objective(trainer.objective)
-            memory.drop_vae_encoder(comps["vae"])
+            memory.drop_vae_parts(comps["vae"], decoder=True)     # the bench draws no sample grids
         setup_seconds = time.perf_counter() - t_start
         setup_status = memory.proc_status()
         # ---- training phase
@@ -512,17 +528,47 @@ def run_in_subprocess(spec: BenchSpec, timeout: float | None = None, env: dict |
         return {**_base_row(spec, spec.weights), "status": "failed", "note": f"{why}: {' | '.join(tail)}"}
 
 
+def write_random_folder(arch: str, weights: str, seed: int, out: Path) -> Path:
+    """A random-weight model of ``arch`` as `quantdream quantize --weights WEIGHTS` writes it (UNet at
+    ``weights``, text encoder and VAE int8, other tensors fp16, tokenizer and scheduler), built layer by
+    layer in this process; the measured subprocess then loads it as a user's run loads its model."""
+    import torch
+
+    from ..quant.io import save_quantized
+    comps = build_components(BenchSpec(arch=arch, seed=seed), weights, "cpu", torch.float32)
+    save_quantized({k: comps[k] for k in ("unet", "text_encoder", "vae", "tokenizer", "scheduler")}, out,
+                   {"arch": arch, "weights": weights, "random_weights": True, "seed": seed}, float_dtype="fp16")
+    return out
+
+
+def _loads_a_folder(spec: BenchSpec) -> bool:
+    """int8/int4 runs of quantdream.methods load a quantized folder (as users run them); NF4, float
+    weights and registered bench methods (their own prepare) are built layer by layer."""
+    bm = _implemented(spec.method)
+    return not spec.model_dir and spec.method not in BENCH_METHODS and spec.arch in bm.archs and \
+        (spec.weights or bm.default_weights) in ("int8", "int4")
+
+
 def bench_memory(specs: list[BenchSpec], timeout: float | None = None,
                  callback: Callable[[dict], None] | None = None) -> dict:
-    """Measure each spec in its own subprocess -> {"rows": [...], "summary": {...}}."""
+    """Measure each spec in its own subprocess -> {"rows": [...], "summary": {...}}. Quantized runs
+    load a random-weight quantized folder written once per (arch, weights, seed) for this call."""
     for s in specs:
         check_spec(s)
     rows = []
-    for s in specs:
-        row = run_in_subprocess(s, timeout)
-        rows.append(row)
-        if callback is not None:
-            callback(row)
+    with tempfile.TemporaryDirectory(prefix="qd-bench-models-") as models:
+        folders: dict[tuple, Path] = {}
+        for s in specs:
+            if _loads_a_folder(s):
+                key = (s.arch, s.weights or _implemented(s.method).default_weights, s.seed)
+                if key not in folders:
+                    logger.info("writing a random-weight %s %s folder for the quantized runs", *key[:2])
+                    folders[key] = write_random_folder(*key, Path(models) / "-".join(map(str, key)))
+                s = dataclasses.replace(s, model_dir=str(folders[key]))
+            row = run_in_subprocess(s, timeout)
+            rows.append(row)
+            if callback is not None:
+                callback(row)
     return {"rows": rows, "summary": summarize(rows)}
 
 
@@ -586,7 +632,8 @@ def memory_markdown(result: dict) -> str:
     lines.append("")
     lines.append("Training VmHWM: process high-water mark over the training steps only (after setup, gc and "
                  "malloc_trim); whole-process: the maximum over setup and training. Random weights; each row "
-                 "is a fresh subprocess.")
+                 "is a fresh subprocess; int8/int4 rows load a quantized folder written beforehand, as "
+                 "`personalize --model DIR` does, the others build the model layer by layer.")
     return "\n".join(lines) + "\n"
 
 

@@ -40,9 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--threads", type=int, default=0, help="torch CPU threads in each subprocess (default: torch's choice)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--low-memory", dest="low_memory", action="store_true",
-      help="run each method as personalize --low-memory does: freed blocks >= 128 KiB return to the OS at "
-           "once, one UNet row per call, feed-forwards 1024 positions at a time, VAE encoder freed after "
-           "encoding (lower resident peak, slower steps); the default measures the methods as they come")
+      help="run each method as personalize --low-memory --set sample_images=0 does: freed blocks >= 128 KiB "
+           "return to the OS at once, peft and bitsandbytes not imported unless the method uses them, one UNet "
+           "row per call, feed-forwards 1024 positions at a time, the autoencoder freed after encoding (lower "
+           "resident peak, slower steps); the default measures the methods as they come")
     a("--timeout", type=float, default=0, help="seconds per method before giving up (default: none)")
     a("--out", required=True, help="folder for memory.json and memory.md")
     p.set_defaults(_parser=p)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..data.dataset import Batch
 from ..diffusion import TimestepSampler, add_noise, draw_noise, epsilon_mse, uniform
@@ -94,26 +96,63 @@ def check_placeholder(tokenizer, text_encoder, token: str, init_word: str, num_v
     return ids[0]
 
 
+class GrownEmbedding(nn.Embedding):
+    """A token table grown by new rows without copying it: ids past ``weight`` read ``extra_rows``.
+    For tables memory-mapped from a model file (``load_quantized(narrow_embeddings=True)``), where
+    transformers' ``resize_token_embeddings`` would copy all 49,408 rows into memory (72 MiB in fp16)
+    and so undo the mapping. Hooks on the module (lookup casts, the objective's splice) still apply."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = self.weight.shape[0]
+        out = F.embedding(ids.clamp(max=n - 1), self.weight, self.padding_idx, self.max_norm,
+                          self.norm_type, self.scale_grad_by_freq, self.sparse)
+        new = (ids >= n).unsqueeze(-1)
+        return torch.where(new, self.extra_rows[(ids - n).clamp(min=0)].to(out.dtype), out)
+
+
+def _grow(embedding: nn.Embedding, n_new: int) -> None:
+    """Give ``embedding`` ``n_new`` zero rows past its table, in place (a :class:`GrownEmbedding`)."""
+    w = embedding.weight
+    rows = torch.zeros(n_new, w.shape[1], dtype=w.dtype, device=w.device)
+    if isinstance(embedding, GrownEmbedding):
+        rows = torch.cat([embedding.extra_rows, rows])
+    else:
+        embedding.__class__ = GrownEmbedding
+    embedding.register_buffer("extra_rows", rows)
+    embedding.num_embeddings = w.shape[0] + rows.shape[0]
+
+
+def _row(embedding: nn.Embedding, i: int) -> tuple[torch.Tensor, int]:
+    """(tensor, index) holding token id ``i``'s row: the table, or a grown table's extra rows."""
+    n = embedding.weight.shape[0]
+    return (embedding.extra_rows, i - n) if i >= n else (embedding.weight, i)
+
+
 def add_placeholder(tokenizer, text_encoder, token: str, init_word: str, num_vectors: int = 1,
                     init_vectors: torch.Tensor | None = None) -> Placeholder:
     """Add the token as Stable Diffusion's TI does (tokenizer.add_tokens + resize_token_embeddings),
-    each new row initialised from the init word (or ``init_vectors``). Validates first."""
+    each new row initialised from the init word (or ``init_vectors``). Validates first. A table mapped
+    from a file (``mapped_from``) grows by the new rows instead of being copied (:class:`GrownEmbedding`)."""
     init_id = check_placeholder(tokenizer, text_encoder, token, init_word, num_vectors, init_vectors)
     # ---- validated; mutate
     tokens = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
     tokenizer.add_tokens(tokens)
     ids = tokenizer.convert_tokens_to_ids(tokens)
-    try:  # the new rows are overwritten below; skip transformers' mean/covariance initialisation
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    except TypeError:
-        text_encoder.resize_token_embeddings(len(tokenizer))
-    table = text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        if init_vectors is None:
-            init_vectors = table[init_id].detach().float().clone().expand(num_vectors, -1).clone()
-        for i, vec in zip(ids, init_vectors):
-            table[i] = vec.to(table.dtype)
-    return Placeholder(token=token, tokens=tokens, ids=list(ids), init_vectors=init_vectors.float().clone())
+    emb = text_encoder.get_input_embeddings()
+    if getattr(emb, "mapped_from", None):
+        if len(tokenizer) > emb.num_embeddings:         # else the new ids already index rows of the table
+            _grow(emb, len(tokenizer) - emb.num_embeddings)
+    else:
+        try:  # the new rows are overwritten below; skip transformers' mean/covariance initialisation
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        except TypeError:
+            text_encoder.resize_token_embeddings(len(tokenizer))
+        emb = text_encoder.get_input_embeddings()
+    if init_vectors is None:
+        init_vectors = emb.weight[init_id].detach().float().clone().expand(num_vectors, -1).clone()
+    placeholder = Placeholder(token=token, tokens=tokens, ids=list(ids), init_vectors=init_vectors.float().clone())
+    write_rows(text_encoder, placeholder, init_vectors)
+    return placeholder
 
 
 def identifier_placeholder(identifier: str, class_word: str, width: int) -> Placeholder:
@@ -125,10 +164,11 @@ def identifier_placeholder(identifier: str, class_word: str, width: int) -> Plac
 
 def write_rows(text_encoder, placeholder: Placeholder, theta: torch.Tensor) -> None:
     """Store the learned rows in the embedding table (for pipelines that read the table)."""
-    table = text_encoder.get_input_embeddings().weight
+    emb = text_encoder.get_input_embeddings()
     with torch.no_grad():
         for i, vec in zip(placeholder.ids, theta):
-            table[i] = vec.to(device=table.device, dtype=table.dtype)
+            table, j = _row(emb, i)
+            table[j] = vec.to(device=table.device, dtype=table.dtype)
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -234,6 +274,7 @@ class Method:
     config_class: type = object
     kind = "token"
     default_weights = "int8"                    # what --weights auto means for this method
+    integrations: tuple[str, ...] = ()          # optional libraries diffusers must see (memory.skip_unused_integrations)
     weight_choices: tuple[str, ...] = ("int8", "int4", "none")
 
     def __init__(self, objective: DenoisingObjective, theta0: torch.Tensor, config) -> None:

@@ -135,7 +135,7 @@ class GFTI(Method):
         objective.set_timesteps(uniform(objective.num_train_timesteps))      # G-code: t ~ U{0..999}
         table = objective.text_encoder.get_input_embeddings().weight.detach().float().cpu()
         keep = torch.ones(table.shape[0], dtype=torch.bool)
-        keep[objective.placeholder.ids] = False                                # the vocabulary only
+        keep[[i for i in objective.placeholder.ids if i < len(keep)]] = False  # the vocabulary only
         self.mu_E, self.V = fit_pca(table[keep], config.dim)                  # (d,), (d_i, d)
         self.mu_E, self.V = self.mu_E.to(self.theta.device), self.V.to(self.theta.device)
         self.e0 = self.theta.clone()                                           # (V, d); setup may replace it

@@ -51,6 +51,7 @@ def _peft():
 
 class Lora(GradientMethod):
     name = "lora"
+    integrations = ("peft", "bitsandbytes")
     config_class = LoraConfig
 
     def make_trainable(self, unet) -> list[nn.Parameter]:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,6 +87,16 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
         if e["dtype"] not in _ST_NAMES or not 0 <= a <= b or 8 + n + b > size:
             raise ValueError(f"{path} is truncated or corrupt (tensor {name!r})")
     return header, 8 + n
+
+
+def _map_tensor(path: Path, data_start: int, entry: dict) -> torch.Tensor:
+    """The tensor as a private (copy-on-write) memory map of the file: a page becomes resident only
+    when it is read, so a lookup table costs the rows a prompt touches, not the whole table."""
+    a, b = entry["data_offsets"]
+    if b == a:
+        return torch.empty(entry["shape"], dtype=_ST_NAMES[entry["dtype"]])
+    raw = np.memmap(path, dtype=np.uint8, mode="c", offset=data_start + a, shape=(b - a,))
+    return torch.from_numpy(raw).view(_ST_NAMES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def _read_tensor(f, data_start: int, entry: dict) -> torch.Tensor:
@@ -310,12 +321,15 @@ def load_quantized(path: str | os.PathLike, components: Sequence[str] | None = N
     """Load a folder written by :func:`save_quantized` -> ``{name: component}``.
 
     components: which to load (default all). dtype: float tensors other than scales (embeddings,
-    norms, biases). narrow_embeddings: an embedding table stored narrower than ``dtype`` (CLIP's
-    49,408 x 768 token table in fp16: 72 MiB, not 145) stays as stored and its lookups are cast to
-    ``dtype``: the same numbers as widening the table (widening adds no information), but the model's
-    ``.dtype`` (its first parameter's) then reads fp16, which stock pipelines cast prompts to; so only
-    for callers that set their own compute dtype (personalize's objective). drop: submodules not to
-    load, e.g. ``{"vae": ["decoder", "post_quant_conv"]}`` for an encoder-only VAE. Every check (layout, version, classes, tensor names and shapes) runs
+    norms, biases). narrow_embeddings: embedding tables stay as stored and each lookup is cast to
+    ``dtype`` (the same numbers as casting the table: a cast is elementwise); on CPU the table is a
+    private memory map of the file, so only the pages of the rows a prompt reads become resident (CLIP's
+    49,408 x 768 fp16 token table: a few KiB instead of 72 MiB) and writing a row never touches the
+    file; the module gets ``mapped_from`` (the file). The model's ``.dtype`` (its first parameter's) then
+    reads the table's dtype, which stock pipelines cast prompts to; so only for callers that set their
+    own compute dtype (personalize's objective, the benchmarks). drop: submodules not to load, e.g.
+    ``{"vae": ["decoder", "post_quant_conv"]}`` for an encoder-only VAE. Every check (layout, version,
+    classes, tensor names and shapes) runs
     before any tensor is allocated.
     """
     path = Path(path)
@@ -365,14 +379,22 @@ def load_quantized(path: str | os.PathLike, components: Sequence[str] | None = N
         _, model, wfile, header, start, expected = plan
         with open(wfile, "rb") as f:
             for key, (_, owner, tname, is_param) in expected.items():
-                t = _read_tensor(f, start, header[key])
-                if narrow_embeddings and isinstance(owner, nn.Embedding) and t.is_floating_point() \
-                        and t.dtype.itemsize < dtype.itemsize:
-                    widen_lookups(owner, dtype)                         # table stays narrow, lookups widen
-                elif t.is_floating_point() and not _keeps_fp32(owner, tname):
-                    t = t.to(dtype)
-                elif t.is_floating_point():
-                    t = t.float()
+                e = header[key]
+                stored = _ST_NAMES[e["dtype"]]
+                on_cpu = torch.device(device).type == "cpu"
+                if narrow_embeddings and isinstance(owner, nn.Embedding) and stored.is_floating_point \
+                        and (on_cpu or stored.itemsize <= dtype.itemsize):
+                    # the table stays as stored (casting each lookup = casting the table); on CPU it is
+                    # mapped, so only the rows read become resident
+                    t = _map_tensor(wfile, start, e) if on_cpu else _read_tensor(f, start, e)
+                    if on_cpu:
+                        owner.mapped_from = str(wfile)
+                    if stored != dtype:
+                        widen_lookups(owner, dtype)
+                else:
+                    t = _read_tensor(f, start, e)
+                    if t.is_floating_point():
+                        t = t.float() if _keeps_fp32(owner, tname) else t.to(dtype)
                 t = t.to(device)
                 if is_param:
                     old = owner._parameters[tname]

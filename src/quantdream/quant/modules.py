@@ -108,7 +108,8 @@ class QuantizedLayer(nn.Module):
 
     def _row_chunks(self) -> list[slice]:
         m = self.weight_shape[0]
-        rows = m if getattr(self, "groups", 1) != 1 else max(1, CHUNK_ELEMENTS // self.n)
+        chunk = getattr(self, "chunk_elements", CHUNK_ELEMENTS)   # per layer (memory.low_memory_unet)
+        rows = m if getattr(self, "groups", 1) != 1 else max(1, chunk // self.n)
         return [slice(i, min(i + rows, m)) for i in range(0, m, rows)]
 
     def _centered(self, rows: slice) -> torch.Tensor:
