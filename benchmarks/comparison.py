@@ -56,6 +56,8 @@ def parse_args(argv=None):
     a("--memory-steps", dest="memory_steps", type=int, default=2)
     a("--memory-resolution", dest="memory_resolution", type=int, default=0, help="default: native (512 on sd15)")
     a("--memory-timeout", dest="memory_timeout", type=float, default=0)
+    a("--memory-low-memory", dest="memory_low_memory", action="store_true",
+      help="measure every method in the low-memory mode (bench memory --low-memory) instead of as it comes")
     a("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
     a("--prompts", help="prompt kinds (default all)")
     a("--eval-steps", dest="eval_steps", type=int, default=0)
@@ -108,10 +110,10 @@ def measure_memory(a, methods: list[str], out: Path) -> dict | None:
         return None
     weights = parse_method_weights(a.method_weights, methods)     # as the runs train ("": the method's default)
     specs = [BenchSpec(arch=a.memory_arch, method=m, resolution=a.memory_resolution, steps=a.memory_steps,
-                       seed=a.seed, threads=a.threads, device=a.device,
+                       seed=a.seed, threads=a.threads, device=a.device, low_memory=a.memory_low_memory,
                        weights=weights.get(m) if weights.get(m) in WEIGHTS else "") for m in methods]
     want = [dataclasses.asdict(s) for s in specs]
-    path = out / f"memory-{a.memory_arch}" / "memory.json"
+    path = out / f"memory-{a.memory_arch}{'-lowmem' if a.memory_low_memory else ''}" / "memory.json"
     if a.resume and path.is_file():
         old = json.loads(path.read_text())
         if old.get("specs") == want and all(r.get("status") != "failed" for r in old.get("rows", [])):
@@ -248,7 +250,8 @@ def main(argv=None) -> int:
     fig = rep.figure1(rows, out / "figure1.png", title=f"mean over {len(tables)} subjects: training memory vs "
                                                          f"subject fidelity (ZOODiP Fig. 1)")
     settings = {"model": a.model, "methods": methods, "subjects": list(tables), "seed": a.seed,
-                "images_per_prompt": a.images_per_prompt, "memory_arch": a.memory_arch, "memory_steps": a.memory_steps}
+                "images_per_prompt": a.images_per_prompt, "memory_arch": a.memory_arch, "memory_steps": a.memory_steps,
+                "memory_low_memory": a.memory_low_memory}
     summary = rep.build_report(rows, subject={"name": f"mean over {len(tables)} subjects", "class_word": "various"},
                                settings=settings, memory=memory, figure=fig,
                                notes=[f"per-subject reports: {', '.join(reports.values())}"])
@@ -260,7 +263,7 @@ def main(argv=None) -> int:
         "steps": {m: means[m]["steps"] for m in means},
         "means": means,
         "memory": None if memory is None else {
-            "arch": a.memory_arch, "summary": memory.get("summary"),
+            "arch": a.memory_arch, "low_memory": a.memory_low_memory, "summary": memory.get("summary"),
             "rows": {r["method"]: {"status": r["status"], "weights": r.get("weights"), "note": r.get("note"),
                                    "training_peak": r.get("training_peak"),
                                    "whole_process_peak_mib": r.get("whole_process_peak_mib"),

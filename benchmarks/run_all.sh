@@ -28,4 +28,6 @@ step embedded_model python benchmarks/embedded_model.py --threads "$threads" --o
 step quantization_quality python benchmarks/quantization.py --threads "$threads" --skip-sd --quality
 step personalization python benchmarks/personalization.py --threads "$threads" $subj --out out/bench_personalization
 step comparison python benchmarks/comparison.py $subj --threads "$threads" --resume --out out/bench_comparison
+# the same comparison (its runs are reused) with every method's memory in the low-memory mode
+step comparison_lowmem python benchmarks/comparison.py $subj --threads "$threads" --resume --memory-low-memory --out out/bench_comparison
 step personalization_memory python benchmarks/personalization_memory.py --threads 1 --low-memory

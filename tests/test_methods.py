@@ -310,3 +310,17 @@ def test_evaluate_can_load_weight_method_runs(tiny_model, photos, tmp_path, name
     assert adapter.subject_text(run, "bag") == "sks bag"
     pipe = adapter.load(run, "cpu", torch.float32)
     assert pipe.unet is not None
+
+
+def test_gfti_scores_its_population_a_few_rows_at_a_time_with_the_same_losses(tiny_model):
+    """GF-TI's 20 candidates need not share one UNet call: gf_ti.unet_rows caps the rows (activation
+    memory) per call, and the losses are those of the whole population at once."""
+    r = build(tiny_model, "gf-ti", unet_rows=3)
+    assert r.objective.unet_batch == 3
+    theta = r.placeholder.init_vectors[None] + 0.1 * torch.randn(5, 1, 768, generator=torch.Generator().manual_seed(0))
+    few = r.objective(theta, batch("<my-bag>"), torch.Generator().manual_seed(1))
+    r.objective.unet_batch = 0
+    whole = r.objective(theta, batch("<my-bag>"), torch.Generator().manual_seed(1))
+    torch.testing.assert_close(few, whole, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="unet_rows must be >= 0"):
+        build(tiny_model, "gf-ti", unet_rows=-1)
