@@ -169,7 +169,7 @@ def test_effnet_features(renders):
 
 
 # ----------------------------------------------------------------------------------------- training
-@pytest.mark.parametrize("model", ["reader", "clip"])
+@pytest.mark.parametrize("model", ["reader", "clip", "classifier"])
 def test_training_resumes_and_exports(tmp_path, model, test_split):
     """Two 1-step sittings resume from the checkpoint; the finished weights load as an evaluator."""
     from quantdream.eval.train_evaluator import TrainConfig, train
@@ -182,6 +182,49 @@ def test_training_resumes_and_exports(tmp_path, model, test_split):
     ev = load_evaluator(tmp_path / "export")
     img = np.zeros((1, 64, 64, 3), dtype=np.uint8)
     if model == "reader":
-        assert len(ev.read(img)) == 1
+        assert len(ev.read(img)) == 1 and ev.classifier is None      # no classifier: the reader names classes
+    elif model == "classifier":
+        assert ev.classifier is not None and ev.classifier(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     else:
         assert ev.clip_image(img).shape[0] == 1
+
+
+# ----------------------------------------------------------------------------------- class crops
+def test_object_boxes_are_where_render_puts_the_objects(test_split):
+    from quantdream.eval.classifier import MARGIN, scene_boxes
+    from quantdream.world.render import render, sample_scene
+    items, labels = test_split
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        scene = sample_scene(rng, labels, split="test", p_two=0.5)
+        _, mask = render(scene, items, return_mask=True)
+        ys, xs = np.nonzero(mask > 0.05)
+        boxes = scene_boxes([scene])[0]
+        assert len(boxes) == len(scene.objects)
+        inside = np.zeros_like(mask, dtype=bool)
+        for cx, cy, side in boxes:
+            h = side / 2 + MARGIN
+            inside[max(0, int(cy - h)):int(np.ceil(cy + h)), max(0, int(cx - h)):int(np.ceil(cx + h))] = True
+        assert inside[ys, xs].all()
+
+
+def test_crop_classes_replace_the_class_heads_object_by_object():
+    """class <- the first (left) object's crop, class2 <- the right one's; other heads untouched."""
+    from quantdream.eval.classifier import crop_objects, with_crop_classes
+    from quantdream.eval.reader import HEADS
+
+    class Mark(torch.nn.Module):          # logits that say which crop they came from: its mean brightness
+        def forward(self, crops):
+            return crops.mean((1, 2, 3))[:, None] * torch.arange(1.0, 11.0)
+
+    x = torch.full((2, 3, 64, 64), -1.0)
+    x[1, :, :, 32:] = 1.0                                     # image 1: dark left half, bright right half
+    logits = {k: torch.zeros(2, len(v)) for k, v in HEADS.items()}
+    logits["n_objects"][1, 1] = 5.0                           # image 1 is read as two objects
+    out = with_crop_classes(logits, x, Mark())
+    assert out["class"][0, -1] == pytest.approx(-10.0)                   # one object, all dark
+    assert out["class"][1, -1] < -5 and out["class2"][1, -1] > 5          # left crop dark, right crop bright
+    assert torch.equal(out["class2"][0], logits["class2"][0])             # one object: class2 as read
+    assert out["colour"] is logits["colour"] and torch.equal(logits["class"], torch.zeros(2, 10))
+    crops, owner = crop_objects(x, [[(32.0, 32.0, 22)], []])
+    assert crops.shape == (1, 3, 32, 32) and owner == [0]

@@ -26,6 +26,7 @@ class Evaluator:
         self.directory = Path(directory)
         self.batch_size = batch_size
         self._reader = self._clip = self._effnet = self._tokenizer = None
+        self._classifier: object = False          # False: not looked for yet; None: the folder has none
 
     # -- networks, loaded lazily
     @property
@@ -35,6 +36,17 @@ class Evaluator:
             cfg = ReaderConfig.from_dict(read_config(self.directory, "reader")["config"])
             self._reader = load_weights(AttributeReader(cfg), self.directory, "reader")
         return self._reader
+
+    @property
+    def classifier(self):
+        """The class reader on object crops (eval.classifier), or None where the folder has none."""
+        if self._classifier is False:
+            self._classifier = None
+            if (self.directory / "classifier.safetensors").is_file():
+                from .classifier import ClassifierConfig, CropClassifier
+                cfg = ClassifierConfig.from_dict(read_config(self.directory, "classifier")["config"])
+                self._classifier = load_weights(CropClassifier(cfg), self.directory, "classifier")
+        return self._classifier
 
     @property
     def clip(self):
@@ -65,8 +77,11 @@ class Evaluator:
     # -- extractors
     @torch.no_grad()
     def read_logits(self, images: ImageInput) -> dict[str, torch.Tensor]:
-        """{head: logits (N, n_labels)} of the attribute reader (heads in ``reader.HEADS``)."""
-        outs = [self.reader(x) for x in self._batches(images)]
+        """{head: logits (N, n_labels)} of the attribute reader (heads in ``reader.HEADS``); class and
+        class2 from the class reader on object crops where the folder has one (eval.classifier)."""
+        from .classifier import with_crop_classes
+        outs = [self.reader(x) if self.classifier is None else with_crop_classes(self.reader(x), x, self.classifier)
+                for x in self._batches(images)]
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     def read(self, images: ImageInput) -> list[dict]:

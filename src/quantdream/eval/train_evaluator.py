@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str  # "reader" or "clip"
+    model: str  # "reader", "clip" or "classifier"
     seed: int = EVAL_SEED  # data draw and augmentation; distinct from the generator's 0/1
     batch_size: int = 128  # scenes per step (clip renders two views of each)
     steps: int = 1300  # total optimizer steps: the length of the cosine schedule
@@ -145,7 +145,30 @@ class ClipTask:
         return l_clip + c.instance_weight * l_inst, {"clip": l_clip, "inst": l_inst}
 
 
-TASKS = {"reader": ReaderTask, "clip": ClipTask}
+class ClassifierTask:
+    name = "classifier"
+
+    def build(self) -> torch.nn.Module:
+        from .classifier import ClassifierConfig, CropClassifier
+        self.model_config = ClassifierConfig()
+        return CropClassifier(self.model_config)
+
+    def loss(self, model, stream: SceneStream, gen: torch.Generator, c: TrainConfig, step: int) -> tuple[torch.Tensor, dict]:
+        from .classifier import crop_objects, scene_boxes
+        scenes = curriculum(stream.scenes(c.batch_size), step, c, stream.rng)
+        x = augment(to_tensor(stream.render(scenes)), gen)
+        crops, owner = crop_objects(x, scene_boxes(scenes))      # at the true geometry
+        seen: set[int] = set()
+        y = []
+        for i in owner:
+            y.append(scenes[i].objects[1 if i in seen else 0].cls)
+            seen.add(i)
+        loss = torch.nn.functional.cross_entropy(model(crops.contiguous(memory_format=torch.channels_last)),
+                                                 torch.tensor(y), label_smoothing=0.05)
+        return loss, {}
+
+
+TASKS = {"reader": ReaderTask, "clip": ClipTask, "classifier": ClassifierTask}
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -340,7 +363,8 @@ def _swap(text: str, named: dict, attr: str, rng: np.random.Generator) -> str | 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m quantdream.eval.train_evaluator", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["reader", "clip", "report"], help="network to train, or `report` to measure the packaged evaluator")
+    p.add_argument("what", choices=[*TASKS, "report"], help="network to train (reader, clip, classifier: the class "
+                   "reader on object crops), or `report` to measure the packaged evaluator")
     p.add_argument("--minutes", type=float, default=None, help="stop this sitting after M minutes (checkpoint saved; rerun to resume)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (sets the cosine schedule; keep it fixed across resumes)")
     p.add_argument("--batch-size", type=int, default=None, help="scenes per step (default 128)")

@@ -139,6 +139,16 @@ def _centre(pos: str, side: int) -> tuple[float, float]:
     return x, y
 
 
+def object_boxes(n_objects: int, size: str = "small", position: str = "center") -> list[tuple[float, float, int]]:
+    """(centre x, centre y, side) in pixels of each object of a scene, before its +-2 px jitter: where
+    :func:`render` puts them (the attribute reader's class crops use the same geometry)."""
+    if n_objects == 1:
+        side = SIZE_PX[size]
+        return [(*_centre(position, side), side)]
+    side = SIZE_PX["small"] + 4
+    return [(RES * 0.27, RES / 2, side), (RES * 0.73, RES / 2, side)]
+
+
 def render(scene: Scene, items: np.ndarray, return_mask: bool = False):
     """Render ``scene`` with grey items ``items`` (N, 28, 28) of its split. Returns uint8 (64, 64, 3)
     (and the float object mask (64, 64) if ``return_mask``)."""
@@ -146,13 +156,8 @@ def render(scene: Scene, items: np.ndarray, return_mask: bool = False):
                         dtype=np.float32) / 255.0
     img = render_background(scene.bg_pattern, bg_rgb, scene.stripe_dir)
     mask = np.zeros((RES, RES), dtype=np.float32)
-    if len(scene.objects) == 1:
-        side = SIZE_PX[SIZES[scene.size]]
-        places = [_centre(POSITIONS[scene.position], side)]
-    else:
-        side = SIZE_PX["small"] + 4
-        places = [(RES * 0.27, RES / 2), (RES * 0.73, RES / 2)]
-    for obj, (cx, cy) in zip(scene.objects, places):
+    boxes = object_boxes(len(scene.objects), SIZES[scene.size], POSITIONS[scene.position])
+    for obj, (cx, cy, side) in zip(scene.objects, boxes):
         rgb = np.asarray(obj.rgb if obj.rgb is not None else COLOURS[COLOUR_NAMES[obj.colour]], dtype=np.float32) / 255.0
         layer, alpha = _object_layer(items[obj.item], side, rgb, obj)
         x0 = int(round(cx - side / 2 + scene.jitter[0]))
