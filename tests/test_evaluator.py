@@ -53,7 +53,7 @@ def test_loads_from_package_offline(evaluator, monkeypatch):
 # Regression floors of the packaged reader: what it measured when committed (docs/embedded-model.md, 300
 # test-split renders) less a margin for these 64 scenes. NOT the bar (0.97 average, 0.85 class),
 # which benchmarks/embedded_model.py reports; raise these when a better reader ships.
-READER_FLOOR = {"class": 0.5, "colour": 0.85, "background": 0.9, "position": 0.9, "size": 0.9, "n_objects": 0.95}
+READER_FLOOR = {"class": 0.75, "colour": 0.85, "background": 0.9, "position": 0.9, "size": 0.9, "n_objects": 0.95}
 
 
 def test_reader_reads_test_split_renders(evaluator, renders):
@@ -222,8 +222,10 @@ def test_crop_classes_replace_the_class_heads_object_by_object():
     logits = {k: torch.zeros(2, len(v)) for k, v in HEADS.items()}
     logits["n_objects"][1, 1] = 5.0                           # image 1 is read as two objects
     out = with_crop_classes(logits, x, Mark())
-    assert out["class"][0, -1] == pytest.approx(-10.0)                   # one object, all dark
-    assert out["class"][1, -1] < -5 and out["class2"][1, -1] > 5          # left crop dark, right crop bright
+    from quantdream.eval.classifier import SIDE_TTA                       # one object, all dark, in every crop:
+    expect = len(SIDE_TTA) * (-torch.arange(1.0, 11.0)).log_softmax(0)      # log-probabilities summed over crops
+    assert torch.allclose(out["class"][0], expect)
+    assert out["class"][1].argmax() == 0 and out["class2"][1].argmax() == 9  # left crop dark, right crop bright
     assert torch.equal(out["class2"][0], logits["class2"][0])             # one object: class2 as read
     assert out["colour"] is logits["colour"] and torch.equal(logits["class"], torch.zeros(2, 10))
     crops, owner = crop_objects(x, [[(32.0, 32.0, 22)], []])

@@ -7,7 +7,8 @@ the object is cut out first, where the reader says it is, and a CNN of its own s
 
     box  = object_boxes(n_objects, size, position)          (the renderer's geometry, world.render)
     crop = the box + 4 px on each side (jitter, shifts), resampled to 32x32 (bilinear)
-    class logits = CropClassifier(crop)                       (replaces the reader's class / class2)
+    class logits = sum over side offsets d in SIDE_TTA of log_softmax(CropClassifier(crop at side + d))
+                                                              (replaces the reader's class / class2)
 
 Trained on crops at the true geometry (`python -m quantdream.eval.train_evaluator classifier`);
 optional: an evaluator folder without ``classifier.safetensors`` reads classes with the reader alone.
@@ -26,6 +27,8 @@ from .reader import conv_bn, contrast_channels
 
 CROP = 32      # crop side after resampling
 MARGIN = 4     # pixels around the box: the renderer jitters by +-2 px, the evaluator's augmentation by 2 more
+SIDE_TTA = (0, -2, 2)  # reading: log-probabilities summed over crops this much tighter/looser (+0.6 points of
+#                        class accuracy on 2000 test renders over the plain crop; horizontal flips cost 2.3)
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,11 @@ def with_crop_classes(logits: dict[str, torch.Tensor], images: torch.Tensor, cla
     """The reader's logits with class (first / left object) and class2 (right object of two) replaced by
     the classifier's, on crops where the reader places the objects."""
     from .reader import decode
-    crops, owner = crop_objects(images, read_boxes(decode(logits)))
-    z = classifier(crops)
+    boxes = read_boxes(decode(logits))
+    z = 0
+    for d in SIDE_TTA:
+        crops, owner = crop_objects(images, [[(cx, cy, side + d) for cx, cy, side in bs] for bs in boxes])
+        z = z + classifier(crops).log_softmax(1)
     out = dict(logits)
     out["class"], out["class2"] = logits["class"].clone(), logits["class2"].clone()
     seen: set[int] = set()

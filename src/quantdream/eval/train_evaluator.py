@@ -62,6 +62,7 @@ class TrainConfig:
     instance_weight: float = 0.5  # clip only: weight of the same-object, different-scene term
     curriculum: tuple[float, float] = (0.1, 0.5)  # patterned backgrounds: none before this fraction of the
     #   steps, all (the world's own share) after the second; see `curriculum`
+    widths: tuple[int, ...] | None = None  # classifier only: stage widths (default ClassifierConfig's)
     run_dir: str = "runs/evaluator"
     export_dir: str = str(ASSET_DIR)
 
@@ -103,7 +104,7 @@ def curriculum(scenes: list[Scene], step: int, c: TrainConfig, rng: np.random.Ge
 class ReaderTask:
     name = "reader"
 
-    def build(self) -> torch.nn.Module:
+    def build(self, c: TrainConfig) -> torch.nn.Module:
         from .reader import AttributeReader, ReaderConfig
         self.model_config = ReaderConfig()
         return AttributeReader(self.model_config)
@@ -119,7 +120,7 @@ class ReaderTask:
 class ClipTask:
     name = "clip"
 
-    def build(self) -> torch.nn.Module:
+    def build(self, c: TrainConfig) -> torch.nn.Module:
         from transformers import CLIPTokenizer
 
         from quantdream.models.embedded import TOKENIZER_DIR
@@ -148,9 +149,9 @@ class ClipTask:
 class ClassifierTask:
     name = "classifier"
 
-    def build(self) -> torch.nn.Module:
+    def build(self, c: TrainConfig) -> torch.nn.Module:
         from .classifier import ClassifierConfig, CropClassifier
-        self.model_config = ClassifierConfig()
+        self.model_config = ClassifierConfig(widths=tuple(c.widths)) if c.widths else ClassifierConfig()
         return CropClassifier(self.model_config)
 
     def loss(self, model, stream: SceneStream, gen: torch.Generator, c: TrainConfig, step: int) -> tuple[torch.Tensor, dict]:
@@ -179,7 +180,7 @@ def train(c: TrainConfig, minutes: float | None = None, save_every: float = 120.
     run = Path(c.run_dir) / c.model
     ckpt_path = run / "checkpoint.pt"
     torch.manual_seed(c.seed)
-    model = task.build().to(memory_format=torch.channels_last)
+    model = task.build(c).to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (sets the cosine schedule; keep it fixed across resumes)")
     p.add_argument("--batch-size", type=int, default=None, help="scenes per step (default 128)")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 2e-3)")
+    p.add_argument("--widths", default=None, help="classifier: stage widths, e.g. 48,96,192 (default 32,64,128)")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help="seed of the data draw and augmentations (default 1234)")
     p.add_argument("--run-dir", default="runs/evaluator", help="checkpoint folder (default runs/evaluator)")
     p.add_argument("--export-dir", default=str(ASSET_DIR), help="where finished weights go (default: the package assets)")
@@ -381,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         res = report(a.n, out=Path(a.export_dir) / "report.json")
         print(json.dumps(res, indent=2))
         return 0
-    c = TrainConfig(model=a.what, seed=a.seed, run_dir=a.run_dir, export_dir=a.export_dir)
+    widths = tuple(int(w) for w in a.widths.split(",")) if a.widths else None
+    c = TrainConfig(model=a.what, seed=a.seed, run_dir=a.run_dir, export_dir=a.export_dir, widths=widths)
     overrides = {k: v for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr)) if v is not None}
     c = replace(c, **overrides)
     train(c, minutes=a.minutes, save_every=a.save_every)
