@@ -62,7 +62,11 @@ def train(subject: Path, name: str, method: str, section: dict, steps: int, out:
     from quantdream.train import build_config, personalize
     from quantdream.world.subjects import load_subject
     if (out / "run.json").is_file():
-        return out
+        why = stale(out, method, section, steps, model)
+        if why is None:
+            return out
+        print(f"  {out}: {why}; training it again", file=sys.stderr)
+        shutil.rmtree(out)
     resume = (out / "checkpoint.pt").is_file()
     if out.exists() and not resume:
         shutil.rmtree(out)                          # died before its first checkpoint
@@ -78,6 +82,19 @@ def train(subject: Path, name: str, method: str, section: dict, steps: int, out:
         raise KeyboardInterrupt
     print(f"  trained {name} on {subject.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return out
+
+
+def stale(out: Path, method: str, section: dict, steps: int, model: str) -> str | None:
+    """Why a finished run under ``out`` no longer matches what is asked (changed defaults), or None."""
+    from quantdream.train import EMBEDDED_DEFAULTS, SD_DEFAULTS, check_model
+    info = json.loads((out / "run.json").read_text())
+    defaults = (EMBEDDED_DEFAULTS if check_model(model)[1] else SD_DEFAULTS)[method]
+    want = json.loads(json.dumps({**defaults["section"], **section}))
+    have = info.get("method_config", {})
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if info.get("method") != method or info.get("steps") != (steps or defaults["steps"]) or diff:
+        return f"made with {info.get('method')}, {info.get('steps')} steps, {diff or 'same settings'}"
+    return None
 
 
 def evaluate(runs: dict[str, Path], out: Path, settings, evaluator: str | None) -> dict:

@@ -246,7 +246,8 @@ def train_unet(a) -> None:
     cached_k, cached_caps, cached_dist = -1, None, None
     with graceful_interrupt() as stop:
         while step < a.steps and not stop:
-            lr = lr_at(step, a.lr, a.steps, 500)
+            lr = (lr_at(step, a.lr, a.steps, 500) if a.schedule_from is None
+                  else lr_at(step - a.schedule_from, a.lr, a.steps - a.schedule_from, 50))
             if step - warm_from < 200 and warm_from > 0:  # re-warm a fresh optimizer after a package resume
                 lr *= (step - warm_from + 1) / 200
             for g in opt.param_groups:
@@ -269,6 +270,8 @@ def train_unet(a) -> None:
             pred = unet(zt, t, te(ids)[0]).sample
             # min-SNR-5 weighting (Hang et al. 2023) for epsilon prediction
             w = torch.clamp(snr[t], max=5.0) / snr[t]
+            if a.x0_weight_max:  # layout: at high noise eps-loss = snr * x0-loss, so where the object goes is
+                w = torch.maximum(w, torch.clamp(1 / snr[t], max=a.x0_weight_max))  # almost free; weigh it as x0
             loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -337,6 +340,11 @@ def main(argv=None) -> None:
     ap.add_argument("--reuse", type=int, default=2, help="unet: steps each rendered+encoded batch serves")
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of UNet/text-encoder weights")
     ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--x0-weight-max", type=float, default=0.0,
+                    help="unet: weigh each step's loss by max(min-SNR-5, min(1/SNR, this)), i.e. as an x0 loss at high "
+                         "noise, where the layout (position) is decided (0: min-SNR-5 only)")
+    ap.add_argument("--schedule-from", type=int, default=None,
+                    help="unet: restart the cosine lr schedule at this step (a fine-tuning stage on a finished run)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--from-package", action="store_true",
                     help="unet: with no checkpoint in --run, resume from the weights committed in the package")

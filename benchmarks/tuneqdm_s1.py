@@ -1,0 +1,65 @@
+"""TuneQDM S1's timestep interval (issue 5): the documented rule against its alternatives. Prints one JSON object.
+
+    python benchmarks/tuneqdm_s1.py                                  # every example subject
+    python benchmarks/tuneqdm_s1.py --subjects teal_bag,olive_coat   # a subset; rerun to resume
+
+S1 trains one PEQA scale set that is used only for t in [t_low, t_high) (frozen quantizer scales elsewhere).
+The rule quantdream ships is [500, 1000), the high-noise half (methods/tuneqdm.py says why). Here every
+interval below is trained on each subject with the same seed and step count, beside PEQA (the scales used at
+every t), and scored with ``quantdream evaluate``'s protocol (world CLIP-I, EfficientNet, world CLIP-T,
+prompt accuracy), with the class word alone as the floor. Runs and evaluations are kept under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from personalization import METRICS, ROOT, evaluate, mean, train  # noqa: E402  (the same harness)
+
+INTERVALS = {"s1-high": (500, 1000), "s1-low": (0, 500), "s1-middle": (250, 750), "s1-puts": (500, 900)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--subjects", default="", help="comma-separated names under examples/subjects (default all)")
+    ap.add_argument("--steps", type=int, default=0, help="steps of every run (default: tuneqdm-s1's embedded default)")
+    ap.add_argument("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="out/bench_tuneqdm_s1")
+    a = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(a.threads)
+    from quantdream.eval.protocol import EvalSettings
+    from quantdream.train import EMBEDDED_DEFAULTS
+    settings = EvalSettings(images_per_prompt=a.images_per_prompt, seed=a.seed, baseline=True)
+    steps = a.steps or EMBEDDED_DEFAULTS["tuneqdm-s1"]["steps"]
+    table = {"peqa": ("peqa", {})} | {k: ("tuneqdm-s1", {"t_low": lo, "t_high": hi}) for k, (lo, hi) in INTERVALS.items()}
+    names = [s for s in a.subjects.split(",") if s] or sorted(
+        d.name for d in (ROOT / "examples" / "subjects").iterdir() if (d / "subject.json").is_file())
+    out = Path(a.out).resolve()
+    rows = []
+    for name in names:
+        subject = ROOT / "examples" / "subjects" / name
+        runs = {v: train(subject, v, method, section, steps, out / "runs" / name / v, a.seed, a.threads, "tiny")
+                for v, (method, section) in table.items()}
+        m = evaluate(runs, out / "eval" / name, settings, None)
+        by_dir = {str(p): v for v, p in runs.items()}
+        rows += [{"variant": by_dir.get(r["run_dir"], "floor"), "subject": name,
+                  **{k: r["metrics"].get(k) for k in METRICS}} for r in m["rows"]]
+    variants = {v: {k: mean([r[k] for r in rows if r["variant"] == v]) for k in METRICS}
+                for v in ["floor", *table]}
+    for v, (lo, hi) in INTERVALS.items():
+        variants[v]["interval"] = [lo, hi]
+    best = max(INTERVALS, key=lambda v: (variants[v]["prompt_accuracy"] or 0) + (variants[v]["world_clip_i"] or 0))
+    print(json.dumps({"subjects": names, "steps": steps, "seed": a.seed, "rule": "s1-high",
+                      "best_by_prompt_accuracy_plus_clip_i": best, "variants": variants, "per_subject": rows},
+                     indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
