@@ -52,13 +52,13 @@ CHECKPOINT = "checkpoint.pt"
 TRAJECTORY_KEYS = ("images", "token", "init_word", "model", "method", "weights", "seed", "batch_size",
                    "num_vectors", "learnable_property", "captions", "flip_p", "resolution", "dtype")
 
-# PROVISIONAL: the embedded model was still being trained when these were set. They were chosen for cost
-# on a random-weight model of the same architecture: a ZOODiP step (3 UNet passes) took 0.13-0.18 s on one
-# contended CPU thread, so 1,500 steps fit the 5-minute budget on 2 cores. Re-tune steps and lr on the
-# trained model (a held-out loss at fixed noise is the cheap signal; world CLIP-I the real one).
+# Chosen on the finished embedded model by a sweep (docs/personalization.md: two subjects, world CLIP-I,
+# EfficientNet and prompt accuracy): ZOODiP 1500 steps at lr 1e-2 (the reference script's rate) had the best
+# subject fidelity of 1e-2 / 3e-3 / 1e-3 and fits the README's 5-minute budget (~130 s on one thread); TI at
+# 5e-3 for 400 steps matched 1000 steps at 1e-3 and 1500 at 3e-4 for a third of the time.
 EMBEDDED_DEFAULTS = {
-    "zoodip": {"steps": 1500, "section": {"lr": 1e-2}},   # PROVISIONAL
-    "ti": {"steps": 400, "section": {"lr": 5e-3}},         # PROVISIONAL
+    "zoodip": {"steps": 1500, "section": {"lr": 1e-2}},
+    "ti": {"steps": 400, "section": {"lr": 5e-3}},
     # PROVISIONAL (methods.py of issue 5): the papers' SD step counts and learning rates, untuned on the
     # embedded model. GF-TI gets ZOODiP's forward-pass budget: 1,500 steps x 3 passes = 225 generations x 20.
     "gf-ti": {"steps": 225, "section": {}},
