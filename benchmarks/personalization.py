@@ -98,16 +98,37 @@ def stale(out: Path, method: str, section: dict, steps: int, model: str) -> str 
 
 
 def evaluate(runs: dict[str, Path], out: Path, settings, evaluator: str | None) -> dict:
-    """``quantdream evaluate --baseline`` over one subject's runs; reused when it already covers them."""
+    """``quantdream evaluate --baseline`` over one subject's runs. An existing evaluation with the same
+    settings is kept and only the runs it lacks (new variants, or runs trained after it) are rendered and
+    merged in: the same seeds make every row independent of the others."""
     import dataclasses
 
-    from quantdream.eval.protocol import evaluate_runs
+    from quantdream.checkpoint import atomic_json, atomic_write
+    from quantdream.eval.protocol import evaluate_runs, group_means, markdown
     f = out / "metrics.json"
     if f.is_file():
         m = json.loads(f.read_text())
         same = json.loads(json.dumps({**dataclasses.asdict(settings), "kinds": list(settings.kinds or []) or None}))
-        if {r["run_dir"] for r in m["rows"] if r["run_dir"]} == {str(p) for p in runs.values()} and \
-                m["settings"] == same:
+        if m["settings"] == same:
+            t = f.stat().st_mtime
+            want = {str(p) for p in runs.values()}
+            fresh = {r["run_dir"] for r in m["rows"] if r["run_dir"] in want
+                     and (Path(r["run_dir"]) / "run.json").stat().st_mtime <= t}
+            todo = [p for p in runs.values() if str(p) not in fresh]
+            rows = [r for r in m["rows"] if r["run_dir"] is None or r["run_dir"] in fresh]
+            if todo:
+                part = out / "partial"
+                shutil.rmtree(part, ignore_errors=True)
+                new = evaluate_runs(todo, part, evaluator_dir=evaluator,
+                                    settings=dataclasses.replace(settings, baseline=False))
+                for g in (part / "grids").iterdir():
+                    g.replace(out / "grids" / g.name)
+                shutil.rmtree(part)
+                rows += new["rows"]
+            if todo or len(rows) != len(m["rows"]):
+                m.update(rows=rows, means=group_means(rows))
+                atomic_json(f, m)
+                atomic_write(out / "metrics.md", lambda tmp: Path(tmp).write_text(markdown(m)))
             return m
         shutil.rmtree(out)
     return evaluate_runs(list(runs.values()), out, evaluator_dir=evaluator, settings=settings)

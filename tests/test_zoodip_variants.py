@@ -1,5 +1,6 @@
 """ZOODiP's beyond-the-paper switches on a toy objective: the cosine step-size schedule and
-directions drawn inside the Subspace Gradient's kept subspace. Defaults must stay the paper's."""
+directions drawn inside the Subspace Gradient's kept subspace or the vocabulary's principal subspace.
+Defaults must stay the paper's."""
 import math
 from types import SimpleNamespace
 
@@ -19,8 +20,16 @@ class Quadratic:
     device = torch.device("cpu")
 
     def __init__(self):
-        self.target = torch.randn(1, D, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        self.target = torch.randn(1, D, generator=g)
         self.seen = []
+        # a token table whose rows vary in the first 6 coordinates (and barely elsewhere); row 99 is the placeholder
+        table = torch.cat([torch.randn(100, 6, generator=g) * 3, torch.randn(100, D - 6, generator=g) * 1e-3], 1)
+        table[99] = 100.0
+        emb = torch.nn.Embedding(100, D)
+        emb.weight.data.copy_(table)
+        self.text_encoder = SimpleNamespace(get_input_embeddings=lambda: emb)
+        self.placeholder = SimpleNamespace(ids=[99])
 
     def set_timesteps(self, sampler):
         pass
@@ -89,7 +98,20 @@ def test_subspace_directions_still_minimise():
     assert float(obj(m.theta[None], None, None)) < 0.5 * start
 
 
+def test_vocab_directions_lie_in_the_vocabulary_subspace_and_minimise():
+    m, obj = make(lr=0.05, vocab_directions=6, schedule="cosine", n=4)
+    assert m.d_eff == 6
+    run(m, 60)
+    for cand in obj.seen:
+        e = (cand[1:] - cand[:1]).reshape(len(cand) - 1, -1)   # mu * e_i
+        assert e[:, 6:].abs().max() < 1e-2 * e[:, :6].abs().max()      # the placeholder row (100.0) was left out
+    target = obj.target.clone()
+    target[:, 6:] = 0                                             # the best point the subspace can reach
+    assert (m.theta - target).norm() < 0.5 * target.norm()
+
+
 @pytest.mark.parametrize("kw,match", [({"schedule": "linear"}, "zoodip.schedule = 'linear'"),
+                                      ({"vocab_directions": -1}, "zoodip.vocab_directions = -1"),
                                       ({"subspace_directions": True, "sg": False}, "needs zoodip.sg = true")])
 def test_bad_settings_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):

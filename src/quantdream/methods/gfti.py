@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import DenoisingObjective, Method, Streams
+from .base import DenoisingObjective, Method, Streams, vocabulary_rows
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +139,7 @@ class GFTI(Method):
             raise ValueError(f"gf_ti.unet_rows must be >= 0 (0: the whole population at once), got {config.unet_rows}")
         if config.unet_rows and not 0 < objective.unet_batch <= config.unet_rows:
             objective.unet_batch = config.unet_rows                            # same losses, fewer rows at once
-        table = objective.text_encoder.get_input_embeddings().weight.detach().float().cpu()
-        keep = torch.ones(table.shape[0], dtype=torch.bool)
-        keep[[i for i in objective.placeholder.ids if i < len(keep)]] = False  # the vocabulary only
-        self.mu_E, self.V = fit_pca(table[keep], config.dim)                  # (d,), (d_i, d)
+        self.mu_E, self.V = fit_pca(vocabulary_rows(objective), config.dim)   # (d,), (d_i, d)
         self.mu_E, self.V = self.mu_E.to(self.theta.device), self.V.to(self.theta.device)
         self.e0 = self.theta.clone()                                           # (V, d); setup may replace it
         self.es = CMAES(config.dim * self.theta.shape[0], config.sigma0, config.popsize, config.seed,

@@ -14,6 +14,9 @@ Beyond the paper (off by default, so ``zoodip`` stays the paper's method):
     schedule = "cosine"        lr_k = lr * (f + (1 - f) * (1 + cos(pi k / K)) / 2),  f = ``final_lr``
     subspace_directions = true e_i <- e_i (I - P_nu^T P_nu): perturb only where SG keeps the gradient,
                                so the finite differences carry no noise from the removed directions
+    vocab_directions = k       e_i <- e_i V_k^T V_k, V_k the top-k principal directions of the vocabulary's
+                               token rows: search where real tokens vary (an RGE's variance grows with the
+                               dimension it searches; d_eff = k)
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 from ..diffusion import puts, uniform
 from ..optim.subspace import SubspaceGradient
 from ..optim.zo import RandomGradientEstimator, ZOAdam
-from .base import DenoisingObjective, Method, Streams
+from .base import DenoisingObjective, Method, Streams, vocabulary_rows
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ZoodipConfig:
     schedule: str = "constant"   # constant (paper) | cosine: decays to lr * final_lr at the last step
     final_lr: float = 0.1        # cosine only: the last step's lr as a fraction of lr
     subspace_directions: bool = False  # draw e_i inside the SG-kept subspace (needs sg)
+    vocab_directions: int = 0    # > 0: draw e_i inside the top-k PCA subspace of the vocabulary
 
 
 SCHEDULES = ("constant", "cosine")
@@ -71,6 +75,13 @@ class Zoodip(Method):
                                                  distribution=config.distribution, normalize=config.normalize)
         self.adam = ZOAdam(lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps)
         self.sg = SubspaceGradient(self.theta.numel(), tau=config.tau, nu=config.nu) if config.sg else None
+        self.V = None
+        if config.vocab_directions:
+            from .gfti import fit_pca
+            if config.vocab_directions < 0 or config.vocab_directions > self.theta.shape[-1]:
+                raise ValueError(f"zoodip.vocab_directions = {config.vocab_directions}; choose 0 (off) or 1.."
+                                 f"{self.theta.shape[-1]} (the token width)")
+            self.V = fit_pca(vocabulary_rows(objective), config.vocab_directions)[1].to(self.theta.device)
         self.total_steps = 0  # set by setup(); the cosine schedule needs it
 
     def setup(self, ctx) -> None:
@@ -87,11 +98,14 @@ class Zoodip(Method):
 
     @property
     def d_eff(self) -> int:
-        return self.sg.d_eff if self.sg is not None else self.theta.numel()
+        d = self.sg.d_eff if self.sg is not None else self.theta.numel()
+        return d if self.V is None else min(d, self.V.shape[0] * self.theta.shape[0])
 
     @torch.no_grad()
     def step(self, batch, streams: Streams) -> torch.Tensor:
         e = self.estimator.directions(self.theta.shape, streams.directions)     # (n, V, d)
+        if self.V is not None:
+            e = e @ self.V.T @ self.V                                          # e_i V_k^T V_k
         if self.config.subspace_directions:
             e = torch.stack([self.sg.project(e_i) for e_i in e])              # e_i (I - P^T P)
         candidates = self.estimator.candidates(self.theta, e)                  # (n+1, V, d)
