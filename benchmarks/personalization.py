@@ -15,7 +15,8 @@ Variants:
     zoodip-no-sg, zoodip-no-puts, zoodip-no-sg-no-puts           the paper's ablation (Table 3 / Fig. 6)
     budget-*                candidates for the improved variant, each given at most 1/3 of zoodip's UNet
                             forward passes (--budget-fraction): bigger step + cosine decay, directions
-                            inside the SG subspace, antithetic pairs, more directions per step
+                            inside the SG subspace, antithetic pairs, more directions per step, directions in
+                            the vocabulary's top-16 principal subspace (budget-vocab16; zoodip-vocab16 at full budget)
 
 Bars (issue 4): zoodip's world CLIP-I and EffNet >= 0.97 x ti's and above the floor; zoodip's prompt accuracy
 and world CLIP-T >= ti's - 0.02; the best budget-* variant reaches zoodip's final world CLIP-I.
@@ -41,6 +42,7 @@ def variants(zoodip_steps: int, zoodip_lr: float, fraction: float, ti_steps: int
     """name -> (method, method settings, steps). zoodip uses 3 UNet passes a step (n = 2, forward)."""
     passes = 3 * zoodip_steps * fraction           # the budget of every budget-* variant
     fast = {"lr": 3 * zoodip_lr, "schedule": "cosine"}
+    vocab = {"vocab_directions": 16}
     return {
         "ti": ("ti", {}, ti_steps),
         "zoodip": ("zoodip", {}, zoodip_steps),
@@ -52,6 +54,8 @@ def variants(zoodip_steps: int, zoodip_lr: float, fraction: float, ti_steps: int
         "budget-cosine-subspace": ("zoodip", {**fast, "subspace_directions": True}, int(passes // 3)),
         "budget-cosine-antithetic": ("zoodip", {**fast, "scheme": "central"}, int(passes // 4)),
         "budget-cosine-n8": ("zoodip", {**fast, "n": 8}, int(passes // 9)),
+        "zoodip-vocab16": ("zoodip", vocab, zoodip_steps),                     # directions in the vocabulary's
+        "budget-vocab16": ("zoodip", vocab, int(passes // 3)),                 # top-16 principal subspace
     }
 
 

@@ -20,10 +20,11 @@ def test_budget_variants_stay_within_the_budget():
     table = load_script("personalization").variants(1500, 1e-2, 1 / 3)
     assert table["zoodip"] == ("zoodip", {}, 1500)
     per_step = {"budget-paper": 3, "budget-cosine": 3, "budget-cosine-subspace": 3, "budget-cosine-antithetic": 4,
-                "budget-cosine-n8": 9}
+                "budget-cosine-n8": 9, "budget-vocab16": 3}
     for name, passes in per_step.items():
         method, section, steps = table[name]
         assert method == "zoodip" and 0 < steps * passes <= 1500, name
+    assert table["zoodip-vocab16"] == ("zoodip", {"vocab_directions": 16}, 1500)
     assert table["budget-cosine-n8"][1]["n"] == 8 and table["budget-cosine-antithetic"][1]["scheme"] == "central"
 
 
