@@ -107,8 +107,7 @@ def evaluate(runs: dict[str, Path], out: Path, settings, evaluator: str | None) 
     merged in: the same seeds make every row independent of the others."""
     import dataclasses
 
-    from quantdream.checkpoint import atomic_json, atomic_write
-    from quantdream.eval.protocol import evaluate_runs, group_means, markdown
+    from quantdream.eval.protocol import evaluate_runs, group_means, save_result
     f = out / "metrics.json"
     if f.is_file():
         m = json.loads(f.read_text())
@@ -131,8 +130,7 @@ def evaluate(runs: dict[str, Path], out: Path, settings, evaluator: str | None) 
                 rows += new["rows"]
             if todo or len(rows) != len(m["rows"]):
                 m.update(rows=rows, means=group_means(rows))
-                atomic_json(f, m)
-                atomic_write(out / "metrics.md", lambda tmp: Path(tmp).write_text(markdown(m)))
+                save_result(out, m)
             return m
         shutil.rmtree(out)
     return evaluate_runs(list(runs.values()), out, evaluator_dir=evaluator, settings=settings)

@@ -4,7 +4,8 @@
     python benchmarks/stock_pipeline.py --runs out/bench_personalization/runs --variant ti --images-per-prompt 4
 
 For each subject's run: a plain ``StableDiffusionPipeline.from_pretrained`` of the embedded model (float, no
-quantdream code in the loop; DDIM as the README samples), once with the init word and once after the stock
+quantdream code in the pipeline; DDIM as the README samples, via quantdream's seeded sampling helper), once
+with the init word and once after the stock
 ``pipe.load_textual_inversion(run)`` with the token, same prompts and seeds. Both are scored with the world
 evaluator against the subject's photos. The bar (issue 4): the token's world CLIP-I is above the init word's.
 """
@@ -23,15 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS = ("world_clip_i", "effnet", "world_clip_t", "prompt_accuracy")
 
 
-def render(pipe, texts: list[str], n: int, seed: int, steps: int, guidance: float) -> list[list]:
-    import torch
-    out = []
-    for text in texts:
-        gens = [torch.Generator().manual_seed(seed + j) for j in range(n)]
-        out.append(pipe([text] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images)
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="out/bench_personalization/runs", help="RUNS/<subject>/<variant>/")
@@ -44,9 +36,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from quantdream.eval.protocol import load_encoders, parse_kinds, reference_images, score, select_prompts
     from quantdream.models.load import SAMPLING_DEFAULTS, resolve_model
+    from quantdream.models.sample import generate_images
     from quantdream.world.subjects import load_subject
     torch.set_num_threads(args.threads)
     steps, guidance = SAMPLING_DEFAULTS["tiny"]
@@ -65,11 +58,11 @@ def main(argv=None) -> int:
         ref = reference_images(subj)
         token = json.loads((run / "run.json").read_text())["token"]
         pipe = StableDiffusionPipeline.from_pretrained(str(model), safety_checker=None, requires_safety_checker=False)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        base = render(pipe, [p["prompt"].format(subj["class_word"]) for p in prompts], args.n, args.seed, steps, guidance)
+        base = generate_images(pipe, [p["prompt"].format(subj["class_word"]) for p in prompts], args.n, args.seed,
+                               steps, guidance)
         pipe.load_textual_inversion(str(run))                                   # the stock loader
-        tok = render(pipe, [p["prompt"].format(token) for p in prompts], args.n, args.seed, steps, guidance)
+        tok = generate_images(pipe, [p["prompt"].format(token) for p in prompts], args.n, args.seed, steps, guidance)
         r = {"init_word": score(base, prompts, subj["class_word"], ref, enc),
              "token": score(tok, prompts, subj["class_word"], ref, enc)}
         r = {k: {m: v[m] for m in METRICS if m in v} for k, v in r.items()}

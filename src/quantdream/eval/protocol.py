@@ -375,7 +375,7 @@ def evaluate_runs(run_dirs: list[str | Path], out: str | Path, *, subject: str |
     sample grid per run under ``out``. Returns what metrics.json holds."""
     from ..models.load import SAMPLING_DEFAULTS, is_tiny, pick_device, resolve_model
     from ..models.sample import generate_images, make_grid, slug
-    from ..checkpoint import atomic_json, atomic_write
+    from ..checkpoint import atomic_write
     if settings.images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be >= 1, got {settings.images_per_prompt}")
     jobs = plan(run_dirs, subject, settings.kinds)
@@ -443,9 +443,15 @@ def evaluate_runs(run_dirs: list[str | Path], out: str | Path, *, subject: str |
                            "effnet": "EfficientNet-Lite0 (ImageNet-1k), the DINO stand-in"},
               "notes": [CLIP_T_NOTE, WORLD_NOTE] + enc.notes,
               "rows": rows, "means": group_means(rows), "subject_ceiling": ceilings}
-    atomic_json(out / "metrics.json", result)
-    atomic_write(out / "metrics.md", lambda tmp: Path(tmp).write_text(markdown(result)))
+    save_result(out, result)
     return result
+
+
+def save_result(out: str | Path, result: dict) -> None:
+    """Write metrics.json and metrics.md of an evaluation (atomically)."""
+    from ..checkpoint import atomic_json, atomic_write
+    atomic_json(Path(out) / "metrics.json", result)
+    atomic_write(Path(out) / "metrics.md", lambda tmp: Path(tmp).write_text(markdown(result)))
 
 
 def group_means(rows: list[dict]) -> list[dict]:
