@@ -12,7 +12,7 @@ otherwise; then ``bench memory`` once on --memory-arch (random weights, one fres
 memory does not depend on the subject). Output: per method, the mean over subjects of the Table-1
 columns, the memory rows, and the bars:
 
-    memory_ordering          dreambooth > {ti, peqa, tuneqdm*, lora, qlora} > {zoodip, gf-ti} (training memory)
+    memory_ordering          dreambooth > {ti, peqa, tuneqdm*, lora, qlora} > {zoodip, zoodip-fast, gf-ti} (training memory)
     zoodip_vs_dreambooth     dreambooth / zoodip training memory, bar >= 8.2 (ZOODiP: "up to 8.2x")
     storage                  output size per method (runs and bench)
     gfti_below_zoodip        GF-TI below ZOODiP in subject fidelity at an equal UNet forward-pass budget
@@ -35,7 +35,7 @@ SUBJECTS_DIR = ROOT / "examples" / "subjects"
 # ZOODiP Table 1 / Figure 1 memory order: full fine-tuning > gradient PEFT and TI > forward-only methods
 MEMORY_TOP = ("dreambooth",)
 MEMORY_MIDDLE = ("ti", "peqa", "tuneqdm", "tuneqdm-s1", "tuneqdm-s2", "lora", "qlora")
-MEMORY_BOTTOM = ("zoodip", "gf-ti")
+MEMORY_BOTTOM = ("zoodip", "zoodip-fast", "gf-ti")
 ZOODIP_RATIO_BAR = 8.2
 BUDGET_TOLERANCE = 0.1   # "equal forward-pass budget": within 10%
 

@@ -19,7 +19,7 @@ from quantdream.models.embedded import LATENT_CHANNELS
 
 # settings that make 3 steps visible (the papers' learning rates move scales by ~1e-6 per step)
 TEST_SETTINGS = {
-    "zoodip": {"lr": 1e-2, "tau": 2}, "ti": {"lr": 1e-2}, "gf-ti": {"dim": 16, "popsize": 4, "init": "word"},
+    "zoodip": {"lr": 1e-2, "tau": 2}, "zoodip-fast": {"lr": 1e-2, "tau": 2, "vocab_directions": 4}, "ti": {"lr": 1e-2}, "gf-ti": {"dim": 16, "popsize": 4, "init": "word"},
     "dreambooth": {"lr": 1e-3}, "lora": {"lr": 1e-2}, "qlora": {"lr": 1e-2}, "peqa": {"lr": 1e-4},
     "tuneqdm": {"lr": 1e-4}, "tuneqdm-s1": {"lr": 1e-4}, "tuneqdm-s2": {"lr": 1e-4},
 }
@@ -213,14 +213,14 @@ def test_weight_methods_refuse_the_wrong_bit_width():
 def cli_args(tiny_model, photos, out, name, *extra):
     a = ["personalize", "--images", str(photos), "--init-word", "bag", "--model", str(tiny_model), "--out", str(out),
          "--method", name, "--steps", "2", "--threads", "1", "--set", "sample_steps=2", "--set", "sample_images=1"]
-    if name in ("zoodip", "ti", "gf-ti"):
+    if method_class(name).kind == "token":
         a += ["--token", "<my-bag>"]
     if name == "gf-ti":
         a += ["--set", "gf_ti.popsize=4", "--set", "gf_ti.dim=16"]
     return a + list(extra)
 
 
-EXPECTED_OUTPUT = {"zoodip": "learned_embeds.safetensors", "ti": "learned_embeds.safetensors",
+EXPECTED_OUTPUT = {"zoodip": "learned_embeds.safetensors", "zoodip-fast": "learned_embeds.safetensors", "ti": "learned_embeds.safetensors",
                    "gf-ti": "learned_embeds.safetensors", "dreambooth": "unet",
                    "lora": "pytorch_lora_weights.safetensors", "qlora": "pytorch_lora_weights.safetensors",
                    "peqa": "scales.safetensors", "tuneqdm": "scales.safetensors",
@@ -237,7 +237,7 @@ def test_two_step_cli_run_and_generate_with_the_adapter(tiny_model, photos, tmp_
     assert run["method"] == name and run["steps"] == 2 and np.isfinite(run["final_loss"])
     assert EXPECTED_OUTPUT[name] in run["outputs"] and (out / EXPECTED_OUTPUT[name]).exists()
     assert run["trainable_parameters"] > 0 and run["output_bytes"] > 0
-    per_step = {"zoodip": 3, "gf-ti": 4}.get(name, 1)
+    per_step = {"zoodip": 3, "zoodip-fast": 3, "gf-ti": 4}.get(name, 1)
     assert run["unet_forward_passes"] == 2 * per_step
     if name == "gf-ti":
         assert run["method_info"]["forward_pass_budget"] == 8 and run["method_info"]["generations"] == 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantdream.methods.base import Streams
-from quantdream.methods.zoodip import Zoodip, ZoodipConfig
+from quantdream.methods.zoodip import Zoodip, ZoodipConfig, ZoodipFast, ZoodipFastConfig
 
 D = 24
 
@@ -116,3 +116,16 @@ def test_vocab_directions_lie_in_the_vocabulary_subspace_and_minimise():
 def test_bad_settings_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         make(**kw)
+
+
+def test_zoodip_fast_is_zoodip_with_16_vocabulary_directions():
+    """The shipped method is exactly the benchmarked variant: same steps as Zoodip(vocab_directions=16)."""
+    assert ZoodipFastConfig() == ZoodipFastConfig(**{**ZoodipConfig().__dict__, "vocab_directions": 16})
+    a = Zoodip(Quadratic(), torch.zeros(1, D), ZoodipConfig(vocab_directions=16, tau=8))
+    b = ZoodipFast(Quadratic(), torch.zeros(1, D), ZoodipFastConfig(tau=8))
+    for m in (a, b):
+        m.setup(SimpleNamespace(steps=20))
+        run(m, 20)
+    assert b.d_eff == 16 and torch.equal(a.theta, b.theta)
+    with pytest.raises(ValueError, match="zoodip_fast.vocab_directions = 99"):
+        ZoodipFast(Quadratic(), torch.zeros(1, D), ZoodipFastConfig(vocab_directions=99))

@@ -58,6 +58,8 @@ TRAJECTORY_KEYS = ("images", "token", "init_word", "model", "method", "weights",
 # 5e-3 for 400 steps matched 1000 steps at 1e-3 and 1500 at 3e-4 for a third of the time.
 EMBEDDED_DEFAULTS = {
     "zoodip": {"steps": 1500, "section": {"lr": 1e-2}},
+    # zoodip-fast: 1/3 of ZOODiP's steps and passes at ZOODiP's rate (benchmarks/personalization.py, budget-vocab16)
+    "zoodip-fast": {"steps": 500, "section": {"lr": 1e-2}},
     "ti": {"steps": 400, "section": {"lr": 5e-3}},
     # PROVISIONAL (methods.py of issue 5): the papers' SD step counts and learning rates, untuned on the
     # embedded model. GF-TI gets ZOODiP's forward-pass budget: 1,500 steps x 3 passes = 225 generations x 20.
@@ -73,6 +75,7 @@ EMBEDDED_DEFAULTS = {
 # Stable Diffusion (a local diffusers folder): the paper's settings (methods.md 1.9, §S1.5).
 SD_DEFAULTS = {
     "zoodip": {"steps": 30000, "section": {}},
+    "zoodip-fast": {"steps": 10000, "section": {}},  # 1/3 of ZOODiP's, as on the embedded model; unmeasured on SD
     "ti": {"steps": 5000, "section": {}},
     "gf-ti": {"steps": 13000, "section": {}},      # ZOODiP §S1.5: L = 13,000 (293 min at 0.74 it/s)
     "dreambooth": {"steps": 400, "section": {}},   # §S1.5, lr 5e-6
@@ -87,7 +90,7 @@ SD_DEFAULTS = {
 
 @dataclass
 class RunConfig:
-    """Everything a run needs. Method settings live in one table per method (``zoodip``, ``ti``,
+    """Everything a run needs. Method settings live in one table per method (``zoodip``, ``zoodip_fast``, ``ti``,
     ``gf_ti``, ``dreambooth``, ``lora``, ``qlora``, ``peqa``, ``tuneqdm``, ``tuneqdm_s1``, ``tuneqdm_s2``)."""
 
     images: str = ""                  # folder of 3-6 photos of the subject
@@ -121,6 +124,7 @@ class RunConfig:
     low_memory: bool = False          # lower resident peak, slower steps (memory.low_memory_allocator/_objective)
     resume: bool = False
     zoodip: dict = field(default_factory=dict)
+    zoodip_fast: dict = field(default_factory=dict)
     ti: dict = field(default_factory=dict)
     gf_ti: dict = field(default_factory=dict)
     dreambooth: dict = field(default_factory=dict)

@@ -27,14 +27,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = m.add_argument
     a("--arch", default="tiny", help="tiny (the embedded model's architecture), sd15, sd21 or sdxl (default tiny)")
-    a("--methods", default="zoodip,ti", help="comma-separated methods (default zoodip,ti), or all: zoodip, ti, "
-                                             "gf-ti, dreambooth, lora, qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2; "
+    a("--methods", default="zoodip,ti", help="comma-separated methods (default zoodip,ti), or all: zoodip, "
+                                             "zoodip-fast, ti, gf-ti, dreambooth, lora, qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2; "
                                              "an architecture a method does not support gets a 'not implemented' row")
     a("--resolution", type=int, default=0, help="image size in px (default: native, 64 tiny / 512 sd15 / 768 sd21)")
     a("--steps", type=int, default=3, help="training steps measured after setup (default 3)")
     a("--weights", choices=["int8", "int4", "none", "nf4"], default=None,
       help="weight quantization of the frozen model for every method (default: as each method runs in its paper: "
-           "zoodip, gf-ti, peqa, tuneqdm* int8; ti, dreambooth, lora none; qlora nf4)")
+           "zoodip*, gf-ti, peqa, tuneqdm* int8; ti, dreambooth, lora none; qlora nf4)")
     a("--images", type=int, default=2, help="random reference images (default 2)")
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=0, help="torch CPU threads in each subprocess (default: torch's choice)")

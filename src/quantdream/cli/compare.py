@@ -35,7 +35,7 @@ EPILOG = """examples:
   quantdream compare --subject photos/ --init-word bag --methods zoodip,ti --model ~/models/sd15 --out cmp/sd
   quantdream compare ... --out cmp/teal_bag --resume           # after Ctrl-C: finished methods are kept
 
-Token methods (zoodip, ti, gf-ti) learn "<subject-name>"; weight methods (dreambooth, lora, qlora, peqa,
+Token methods (zoodip, zoodip-fast, ti, gf-ti) learn "<subject-name>"; weight methods (dreambooth, lora, qlora, peqa,
 tuneqdm*) use the identifier prompt "sks <class>". Each method trains for its own default number of steps
 unless --steps / --method-steps say otherwise, and on its own default weights (ti on the float model, as in
 ZOODiP Table 1) unless --method-weights says otherwise. Training memory comes from `quantdream bench memory` on
@@ -63,8 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a = p.add_argument
     a("--subject", required=True, help="subject folder: photos + subject.json (e.g. examples/subjects/teal_bag), "
                                        "or plain photos with --init-word")
-    a("--methods", default="all", help="comma-separated methods, or all (default): zoodip, ti, gf-ti, dreambooth, "
-                                       "lora, qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2")
+    a("--methods", default="all", help="comma-separated methods, or all (default): zoodip, zoodip-fast, ti, gf-ti, "
+                                       "dreambooth, lora, qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2")
     a("--out", required=True, help="output folder (new or empty; with --resume, the interrupted comparison)")
     a("--model", default="tiny", help="'tiny' (the embedded model, default) or a local Stable Diffusion folder")
     a("--init-word", dest="init_word",

@@ -13,7 +13,7 @@ EPILOG = """examples:
   quantdream evaluate runs/*/ --out eval/all --prompts context,property --images-per-prompt 2
   quantdream evaluate runs/my-bag --subject examples/subjects/teal_bag --clip ~/models/clip-vit-b32 --out eval/
 
-Each run is rendered on the model it was trained on (quantized as in training). TI-style runs (ti, zoodip)
+Each run is rendered on the model it was trained on (quantized as in training). TI-style runs (ti, zoodip, zoodip-fast, gf-ti)
 put the token alone in place of {}; DreamBooth-style runs put "<token> <class word>"; the baseline puts the
 init word with no personalization. CLIP-T compares each image with its prompt with the class word in place
 of the token. Outputs: OUT/metrics.json, OUT/metrics.md, OUT/grids/<run>__<subject>.png (rows: prompts).

@@ -16,7 +16,7 @@ EPILOG = """examples:
   quantdream personalize --images photos/ --init-word bag --method tuneqdm --set tuneqdm.num_experts=2 --out runs/tq
   quantdream generate "a photo of {} on the beach" --adapter runs/tq        # any method's output folder
 
-methods: zoodip, ti, gf-ti learn a new token (learned_embeds.safetensors); dreambooth (unet/), lora and
+methods: zoodip, zoodip-fast, ti, gf-ti learn a new token (learned_embeds.safetensors); dreambooth (unet/), lora and
 qlora (pytorch_lora_weights.safetensors), peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2 (scales.safetensors)
 adapt the UNet and use the prompt "a photo of sks <init-word>" (--token sets the identifier).
 
@@ -38,8 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--model", help="'tiny' (the embedded model, default), a local Stable Diffusion diffusers folder, or a "
                        "quantized folder written by `quantdream quantize` (its bit width then fixes --weights)")
     from ..methods import METHODS
-    a("--method", choices=list(METHODS), help="zoodip (default; forward passes only), ti, gf-ti, dreambooth, lora, "
-                                             "qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2")
+    a("--method", choices=list(METHODS), help="zoodip (default; forward passes only), zoodip-fast (1/3 of the "
+                                             "passes), ti, gf-ti, dreambooth, lora, qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2")
     a("--weights", choices=["auto", "int8", "int4", "none", "nf4"],
       help="weight quantization of the frozen model (default auto: int8; none for dreambooth/lora; nf4 for qlora)")
     a("--acts", type=int, help="8: Q-Diffusion-style calibrated activations on the quantized UNet (W8A8 / W4A8)")

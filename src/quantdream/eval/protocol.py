@@ -143,7 +143,7 @@ def _load_embedding(run: RunInfo, device: str = "cpu", dtype: torch.dtype = torc
 
 
 TOKEN_ADAPTER = Adapter("token", _check_embedding, _load_embedding)
-ADAPTERS: dict[str, Adapter] = {"zoodip": TOKEN_ADAPTER, "ti": TOKEN_ADAPTER, "gf-ti": TOKEN_ADAPTER}
+ADAPTERS: dict[str, Adapter] = {"zoodip": TOKEN_ADAPTER, "zoodip-fast": TOKEN_ADAPTER, "ti": TOKEN_ADAPTER, "gf-ti": TOKEN_ADAPTER}
 
 
 def register_adapter(method: str, adapter: Adapter) -> None:

@@ -29,8 +29,8 @@ MIB = 1024 * 1024
 
 # ZOODiP Table 1: the base recipe of each method and whether it needs gradients (methods.md 1.11)
 FAMILY = {"dreambooth": "DB", "lora": "DB", "qlora": "DB", "peqa": "DB", "tuneqdm": "DB", "tuneqdm-s1": "DB",
-          "tuneqdm-s2": "DB", "ti": "TI", "gf-ti": "TI", "zoodip": "TI"}
-GRADIENT_FREE = ("zoodip", "gf-ti")
+          "tuneqdm-s2": "DB", "ti": "TI", "gf-ti": "TI", "zoodip": "TI", "zoodip-fast": "TI"}
+GRADIENT_FREE = ("zoodip", "zoodip-fast", "gf-ti")
 
 # ZOODiP Table 1 (SD1.5, DreamBooth dataset): Mem (GB), Storage (MB), CLIP-T, CLIP-I, DINO. QLoRA is r=2;
 # LoRA has no row of its own and the TuneQDM variants are the paper's one "TuneQDM" row.

@@ -3,6 +3,8 @@ of a new token; weight methods adapt the UNet and keep the prompt's identifier (
 
     ti          textual inversion, backpropagation to the token rows only
     zoodip      ZOODiP (CVPR 2025): RGE + ZO-Adam + Subspace Gradient + PUTS, forward passes only
+    zoodip-fast ZOODiP with directions in the vocabulary's top-16 principal subspace (beyond the paper;
+                1/3 of the passes on the embedded model, docs/personalization.md)
     gf-ti       GF-TI (ACM MM 2023): CMA-ES in a 256-d PCA subspace of the vocabulary, forward passes only
     dreambooth  full UNet fine-tune (float), optional prior preservation
     lora        peft LoRA on the attention projections (float base)
@@ -12,10 +14,10 @@ of a new token; weight methods adapt the UNet and keep the prompt's identifier (
     tuneqdm-s1  TuneQDM v1 S1: one scale set used only inside a timestep interval
     tuneqdm-s2  TuneQDM v1 S2: one scale set per timestep interval
 """
-METHODS = ("zoodip", "ti", "gf-ti", "dreambooth", "lora", "qlora", "peqa", "tuneqdm", "tuneqdm-s1", "tuneqdm-s2")
+METHODS = ("zoodip", "zoodip-fast", "ti", "gf-ti", "dreambooth", "lora", "qlora", "peqa", "tuneqdm", "tuneqdm-s1", "tuneqdm-s2")
 
 _CLASSES = {
-    "zoodip": ("zoodip", "Zoodip"), "ti": ("ti", "TextualInversion"), "gf-ti": ("gfti", "GFTI"),
+    "zoodip": ("zoodip", "Zoodip"), "zoodip-fast": ("zoodip", "ZoodipFast"), "ti": ("ti", "TextualInversion"), "gf-ti": ("gfti", "GFTI"),
     "dreambooth": ("dreambooth", "Dreambooth"), "lora": ("lora", "Lora"), "qlora": ("lora", "QLora"),
     "peqa": ("peqa", "Peqa"), "tuneqdm": ("tuneqdm", "TuneQDM"), "tuneqdm-s1": ("tuneqdm", "TuneQDMS1"),
     "tuneqdm-s2": ("tuneqdm", "TuneQDMS2"),
