@@ -151,6 +151,19 @@ def test_resume_refuses_changed_settings(tiny_model, photos, tmp_path):
         personalize(cfg(tiny_model, photos, tmp_path / "r", steps=3, seed=1, resume=True))
 
 
+def test_resume_accepts_a_setting_added_later_at_its_default():
+    """A checkpoint written before zoodip gained vocab_directions resumes when the new setting is at its default."""
+    import dataclasses
+    from quantdream.methods.zoodip import ZoodipConfig
+    from quantdream.train import _check_resume
+    new = {"out": "o", "seed": 0, "acts": 0, "zoodip": dataclasses.asdict(ZoodipConfig())}
+    old = {**new, "zoodip": {k: v for k, v in new["zoodip"].items() if k != "vocab_directions"}}
+    _check_resume({"config": old}, new, "zoodip")
+    changed = {**new, "zoodip": {**new["zoodip"], "vocab_directions": 16}}
+    with pytest.raises(ValueError, match="different settings.*'vocab_directions': 16"):
+        _check_resume({"config": old}, changed, "zoodip")
+
+
 # ----------------------------------------------------------------------------- bad input
 def bad_image_folder(tmp_path):
     d = tmp_path / "bad"

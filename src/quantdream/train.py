@@ -412,8 +412,14 @@ def _prepare_out(cfg: RunConfig) -> dict | None:
 
 def _check_resume(ckpt: dict, resolved: dict, method: str) -> None:
     """A resumed run must follow the same trajectory: same data, model, token, seed and method settings."""
-    old = ckpt["config"]
-    keys = list(TRAJECTORY_KEYS) + [section_name(method), "acts"]
+    old = dict(ckpt["config"])
+    sec = section_name(method)
+    if isinstance(old.get(sec), dict) and isinstance(resolved.get(sec), dict):
+        # a setting added to the method after the checkpoint was written, at its default, changes nothing
+        defaults = dataclasses.asdict(method_class(method).config_class())
+        added = {k: v for k, v in resolved[sec].items() if k not in old[sec] and k in defaults and v == defaults[k]}
+        old[sec] = {**added, **old[sec]}
+    keys = list(TRAJECTORY_KEYS) + [sec, "acts"]
     diff = [k for k in keys if old.get(k) != resolved.get(k)]
     if diff:
         changes = ", ".join(f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
