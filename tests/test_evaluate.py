@@ -67,6 +67,21 @@ def test_evaluate_zoodip_run_and_baseline(zoodip_run, random_evaluator, tmp_path
     assert "already holds metrics.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_evaluate_qlora_run_with_baseline(tiny_model, random_evaluator, tmp_path):
+    """A QLoRA run (weights nf4) renders on the float UNet, as stock load_lora_weights does; so does its floor."""
+    run = tmp_path / "qlora"
+    assert main(["personalize", "--images", str(SUBJECT), "--init-word", "bag", "--model", str(tiny_model),
+                 "--method", "qlora", "--steps", "1", "--threads", "1", "--set", "sample_images=0",
+                 "--out", str(run)]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), "--out", str(out), "--baseline", "--images-per-prompt", "1",
+                 "--prompts", "property", "--steps", "2", "--threads", "1", "--evaluator", str(random_evaluator)]) == 0
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert [(r["method"], r["weights"]) for r in rows] == [("baseline", "none"), ("qlora", "nf4")]
+    assert rows[0]["prompts"][0] == "a red bag" and rows[1]["prompts"][0] == "a red sks bag"
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def test_run_dir_without_run_json(tmp_path, capsys):
     (tmp_path / "r").mkdir()

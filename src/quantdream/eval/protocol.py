@@ -421,15 +421,17 @@ def evaluate_runs(run_dirs: list[str | Path], out: str | Path, *, subject: str |
     for run, adapter, subj, prompts in jobs:
         logger.info("evaluating %s (%s) on %s: %d prompts x %d images", run.name, run.method, subj["name"],
                     len(prompts), settings.images_per_prompt)
-        if settings.baseline and (run.model, run.weights, subj["name"]) not in done_baselines:
-            done_baselines.add((run.model, run.weights, subj["name"]))
+        # the floor on the model the run renders on; a QLoRA adapter renders on the float UNet (stock load_lora_weights)
+        base_weights = "none" if run.weights == "nf4" else run.weights
+        if settings.baseline and (run.model, base_weights, subj["name"]) not in done_baselines:
+            done_baselines.add((run.model, base_weights, subj["name"]))
             word = run.init_word or subj["class_word"]
-            pipe = load_base(run, device)
+            pipe = load_base(dataclasses.replace(run, weights=base_weights), device)
             texts = [p["prompt"].format(word) for p in prompts]
             images, steps, guid = render(pipe, texts, run.model)
             del pipe
-            record(f"baseline-{run.weights}", f"baseline: init word, no personalization ({run.weights})", None, subj,
-                   prompts, texts, images, steps, guid, run.model, run.weights)
+            record(f"baseline-{base_weights}", f"baseline: init word, no personalization ({base_weights})", None, subj,
+                   prompts, texts, images, steps, guid, run.model, base_weights)
         pipe = adapter.load(run, device, torch.float32)
         texts = [p["prompt"].format(adapter.subject_text(run, subj["class_word"])) for p in prompts]
         images, steps, guid = render(pipe, texts, run.model)
