@@ -61,14 +61,15 @@ EMBEDDED_DEFAULTS = {
     # zoodip-fast: 1/3 of ZOODiP's steps and passes at ZOODiP's rate (benchmarks/personalization.py, budget-vocab16)
     "zoodip-fast": {"steps": 500, "section": {"lr": 1e-2}},
     "ti": {"steps": 400, "section": {"lr": 5e-3}},
-    # PROVISIONAL (methods.py of issue 5): the papers' SD step counts and learning rates, untuned on the
-    # embedded model. GF-TI gets ZOODiP's forward-pass budget: 1,500 steps x 3 passes = 225 generations x 20.
+    # GF-TI gets ZOODiP's forward-pass budget: 1,500 steps x 3 passes = 225 generations x 20 candidates.
     "gf-ti": {"steps": 225, "section": {}},
-    "dreambooth": {"steps": 400, "section": {}},
-    "lora": {"steps": 500, "section": {}},
-    "qlora": {"steps": 500, "section": {}},
-    "peqa": {"steps": 400, "section": {}},
-    "tuneqdm": {"steps": 400, "section": {}},
+    # The gradient baselines: the papers' step counts; rates from a sweep on two subjects (docs/personalization.md,
+    # "Gradient baselines"): the highest rate that lifts subject fidelity without collapsing prompt accuracy.
+    "dreambooth": {"steps": 400, "section": {"lr": 2e-5}},     # paper 5e-6 barely moves this model; 5e-5 drifts
+    "lora": {"steps": 500, "section": {"lr": 1e-3}},           # paper 1e-4 barely moves it
+    "qlora": {"steps": 500, "section": {"lr": 1e-3}},
+    "peqa": {"steps": 400, "section": {}},                     # the paper's 3e-6; 1e-5 drifts, 1e-4 collapses
+    "tuneqdm": {"steps": 400, "section": {}},                  # PEQA's 3e-6, as in TuneQDM
     "tuneqdm-s1": {"steps": 400, "section": {}},
     "tuneqdm-s2": {"steps": 400, "section": {}},
 }
