@@ -38,6 +38,20 @@ def test_pca_on_an_embedded_sized_vocabulary():
         fit_pca(torch.randn(100, 768), 256)
 
 
+def test_pca_in_chunks_equals_the_dense_pca_and_leaves_out_excluded_rows():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(1000, 32, generator=g) * torch.linspace(3, 0.1, 32)
+    table[7] = 1e3                                               # a placeholder row: must not enter the PCA
+    keep = torch.ones(1000, dtype=torch.bool)
+    keep[7] = False
+    X = table[keep].double()
+    evals, evecs = torch.linalg.eigh((X - X.mean(0)).T @ (X - X.mean(0)))
+    dense = evecs[:, evals.argsort(descending=True)[:5]].T
+    mu, V = fit_pca(table, 5, exclude=[7], chunk=96)
+    torch.testing.assert_close(mu, X.mean(0).float())
+    torch.testing.assert_close((V.double() @ dense.T).abs(), torch.eye(5, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
 class FakeEvaluator:
     def __init__(self, text_feats, image_feats):
         self.t, self.i = text_feats, image_feats

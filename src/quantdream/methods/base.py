@@ -172,14 +172,6 @@ def write_rows(text_encoder, placeholder: Placeholder, theta: torch.Tensor) -> N
 
 
 # ----------------------------------------------------------------------------- the objective
-def vocabulary_rows(objective: "DenoisingObjective") -> torch.Tensor:
-    """The text encoder's token table without the placeholder rows: (rows, d) float32 on CPU."""
-    table = objective.text_encoder.get_input_embeddings().weight.detach().float().cpu()
-    keep = torch.ones(table.shape[0], dtype=torch.bool)
-    keep[[i for i in objective.placeholder.ids if i < len(keep)]] = False
-    return table[keep]
-
-
 class DenoisingObjective:
     """L(theta) on one batch for K candidate tokens at once: theta (K, V, d) -> losses (K,).
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import DenoisingObjective, Method, Streams, vocabulary_rows
+from .base import DenoisingObjective, Method, Streams
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +94,37 @@ class CMAES:
         self._asked = None
 
 
-def fit_pca(table: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mu_E (d,), V (dim, d) orthonormal rows) of the token table (rows, d): PCA as sklearn's
-    ``PCA(dim).fit(table)`` (G-code), by an eigendecomposition of the d x d covariance (rows >> d)."""
-    if table.shape[0] <= dim:
+def fit_pca(table: torch.Tensor, dim: int, exclude=(), chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu_E (d,), V (dim, d) orthonormal rows) of the token table (rows, d) without the rows in ``exclude``:
+    PCA as sklearn's ``PCA(dim).fit(table)`` (G-code), by an eigendecomposition of the d x d covariance
+    (rows >> d), accumulated ``chunk`` rows at a time in float64 so the table is never copied (SD-1.5's
+    49,408 x 768 table would cost ~0.9 GB of transient copies at setup otherwise)."""
+    keep = torch.ones(table.shape[0], dtype=torch.bool)
+    keep[[i for i in exclude if i < len(keep)]] = False
+    rows = int(keep.sum())
+    if rows <= dim:
         raise ValueError(f"gf-ti.dim = {dim} needs more than {dim} vocabulary rows; this model has "
-                         f"{table.shape[0]}: lower gf_ti.dim")
-    X = table.double()
-    mu = X.mean(0)
-    Xc = X - mu                                                  # (rows, d)
-    evals, evecs = torch.linalg.eigh(Xc.T @ Xc)                  # ascending
+                         f"{rows}: lower gf_ti.dim")
+
+    def chunks():
+        for i in range(0, table.shape[0], chunk):
+            yield table[i:i + chunk].detach().cpu()[keep[i:i + chunk]].double()
+
+    mu = sum(x.sum(0) for x in chunks()) / rows
+    cov = torch.zeros(table.shape[1], table.shape[1], dtype=torch.float64)
+    for x in chunks():
+        x = x - mu
+        cov += x.T @ x
+    evals, evecs = torch.linalg.eigh(cov)                        # ascending
     V = evecs[:, evals.argsort(descending=True)[:dim]].T          # (dim, d)
     V = V * torch.sign(V.gather(1, V.abs().argmax(1, keepdim=True)))   # fixed sign: largest entry > 0
     return mu.float(), V.float()
+
+
+def vocabulary_pca(objective: DenoisingObjective, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu_E, V (dim, d)): PCA of the text encoder's token table without the placeholder rows (GF-TI's
+    search space; zoodip-fast's directions)."""
+    return fit_pca(objective.text_encoder.get_input_embeddings().weight, dim, exclude=objective.placeholder.ids)
 
 
 @torch.no_grad()
@@ -139,7 +157,7 @@ class GFTI(Method):
             raise ValueError(f"gf_ti.unet_rows must be >= 0 (0: the whole population at once), got {config.unet_rows}")
         if config.unet_rows and not 0 < objective.unet_batch <= config.unet_rows:
             objective.unet_batch = config.unet_rows                            # same losses, fewer rows at once
-        self.mu_E, self.V = fit_pca(vocabulary_rows(objective), config.dim)   # (d,), (d_i, d)
+        self.mu_E, self.V = vocabulary_pca(objective, config.dim)             # (d,), (d_i, d)
         self.mu_E, self.V = self.mu_E.to(self.theta.device), self.V.to(self.theta.device)
         self.e0 = self.theta.clone()                                           # (V, d); setup may replace it
         self.es = CMAES(config.dim * self.theta.shape[0], config.sigma0, config.popsize, config.seed,

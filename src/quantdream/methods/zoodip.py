@@ -32,7 +32,7 @@ import torch
 from ..diffusion import puts, uniform
 from ..optim.subspace import SubspaceGradient
 from ..optim.zo import RandomGradientEstimator, ZOAdam
-from .base import DenoisingObjective, Method, Streams, vocabulary_rows
+from .base import DenoisingObjective, Method, Streams
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,12 @@ class Zoodip(Method):
         self.sg = SubspaceGradient(self.theta.numel(), tau=config.tau, nu=config.nu) if config.sg else None
         self.V = None
         if config.vocab_directions:
-            from .gfti import fit_pca
             if config.vocab_directions < 0 or config.vocab_directions > self.theta.shape[-1]:
                 raise ValueError(f"{self.name.replace('-', '_')}.vocab_directions = {config.vocab_directions}; "
                                  f"choose 0 (off) or 1.."
                                  f"{self.theta.shape[-1]} (the token width)")
-            self.V = fit_pca(vocabulary_rows(objective), config.vocab_directions)[1].to(self.theta.device)
+            from .gfti import vocabulary_pca
+            self.V = vocabulary_pca(objective, config.vocab_directions)[1].to(self.theta.device)
         self.total_steps = 0  # set by setup(); the cosine schedule needs it
 
     def setup(self, ctx) -> None:
