@@ -132,7 +132,7 @@ def run_error(capsys, *argv) -> str:
 
 def test_unknown_methods_are_named_with_the_valid_ones(tmp_path, capsys):
     err = run_error(capsys, "--subject", str(SUBJECT), "--methods", "zoodip,magic", "--out", str(tmp_path / "o"))
-    assert "unknown method 'magic'" in err and "zoodip, ti, gf-ti, dreambooth" in err and "or all" in err
+    assert "unknown method 'magic'" in err and "zoodip, zoodip-fast, ti, gf-ti, dreambooth" in err and "or all" in err
     err = run_error(capsys, "--subject", str(SUBJECT), "--methods", " , ", "--out", str(tmp_path / "o"))
     assert "--methods is empty" in err
     err = run_error(capsys, "--subject", str(SUBJECT), "--methods", "zoodip", "--method-steps", "ti=3",

@@ -188,7 +188,7 @@ def empty_folder(tmp_path):
     (lambda t, p: p, {"init_word": "stuffed animal"}, ValueError, r"'stuffed animal' splits into 2 tokens"),
     (lambda t, p: p, {"zoodip": {"nn": 4}}, ValueError, r"unknown setting zoodip.nn; did you mean zoodip.n\?"),
     (lambda t, p: p, {"zoodip": {"lr": "fast"}}, ValueError, r"zoodip.lr = 'fast' should be a float"),
-    (lambda t, p: p, {"method": "dreambth"}, ValueError, "unknown method 'dreambth'; choose one of zoodip, ti, gf-ti, dreambooth"),
+    (lambda t, p: p, {"method": "dreambth"}, ValueError, "unknown method 'dreambth'; choose one of zoodip, zoodip-fast, ti, gf-ti, dreambooth"),
     (lambda t, p: p, {"captions": "/no/such.json"}, FileNotFoundError, "caption file '/no/such.json' does not exist"),
     (lambda t, p: p, {"steps": -1}, ValueError, "--steps must be >= 0"),
 ])
