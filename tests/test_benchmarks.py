@@ -73,3 +73,21 @@ def test_quantization_quality_runs_every_setting_against_fp32(tiny_model, random
     bars = bench.check_bars({"quality": q})
     assert set(bars) == {"quality_W8A16_drop_points", "quality_W4A16_drop_points", "quality_W4A8_drop_points"}
     assert bench.quality(str(tiny_model / "nowhere"), 1, 1)["status"].startswith("skipped")
+
+
+def test_tuneqdm_s2_bar_needs_prompt_accuracy_and_fidelity():
+    cmp = load_script("comparison")
+
+    def rows(s2, peqa):
+        return {"a": [{"method": "tuneqdm-s2", "status": "ok", "prompt_accuracy": s2[0], "world_clip_i": s2[1]},
+                      {"method": "peqa", "status": "ok", "prompt_accuracy": peqa[0], "world_clip_i": peqa[1]}]}
+
+    def bar(s2, peqa):
+        means = {"tuneqdm-s2": {"prompt_accuracy": s2[0], "world_clip_i": s2[1]},
+                 "peqa": {"prompt_accuracy": peqa[0], "world_clip_i": peqa[1]}}
+        return cmp.tuneqdm_s2_vs_peqa(means, rows(s2, peqa), "world_clip_i")
+
+    assert bar((0.7, 0.40), (0.6, 0.38))["pass"] is True
+    lower = bar((0.7, 0.36), (0.6, 0.38))                      # better prompts, worse subject: not the claim
+    assert lower["pass"] is False and lower["fidelity_difference"] == pytest.approx(-0.02)
+    assert bar((0.5, 0.40), (0.6, 0.38))["pass"] is False
