@@ -20,7 +20,7 @@ Beyond the paper (off by default, so ``zoodip`` stays the paper's method):
 
 ``zoodip-fast`` (class ZoodipFast) is the winner of the issue-4 search, shipped under its own name: the same
 method with ``vocab_directions = 16`` and, on the embedded model, 1/3 of ZOODiP's steps (train.EMBEDDED_DEFAULTS).
-Evidence and its cost in prompt accuracy: docs/personalization.md.
+Evidence (10 subjects) and its failure case: docs/personalization.md.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import torch
 from ..diffusion import puts, uniform
 from ..optim.subspace import SubspaceGradient
 from ..optim.zo import RandomGradientEstimator, ZOAdam
+from . import section_name
 from .base import DenoisingObjective, Method, Streams
 
 
@@ -82,9 +83,8 @@ class Zoodip(Method):
         self.V = None
         if config.vocab_directions:
             if config.vocab_directions < 0 or config.vocab_directions > self.theta.shape[-1]:
-                raise ValueError(f"{self.name.replace('-', '_')}.vocab_directions = {config.vocab_directions}; "
-                                 f"choose 0 (off) or 1.."
-                                 f"{self.theta.shape[-1]} (the token width)")
+                raise ValueError(f"{section_name(self.name)}.vocab_directions = {config.vocab_directions}; "
+                                 f"choose 0 (off) or 1..{self.theta.shape[-1]} (the token width)")
             from .gfti import vocabulary_pca
             self.V = vocabulary_pca(objective, config.vocab_directions)[1].to(self.theta.device)
         self.total_steps = 0  # set by setup(); the cosine schedule needs it
