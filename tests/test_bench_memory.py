@@ -160,7 +160,8 @@ def test_markdown_and_summary_from_rows():
     assert "failed: killed by the OS (out of memory?)" in md
 
 
-@pytest.mark.parametrize("needed, hidden", [((), ["peft", "bitsandbytes"]), (("peft", "bitsandbytes"), [])])
+@pytest.mark.parametrize("needed, hidden", [((), ["peft", "bitsandbytes", "scipy"]),
+                                                  (("peft", "bitsandbytes", "scipy"), [])])
 def test_unused_integrations_are_hidden_from_diffusers_in_a_fresh_process(needed, hidden):
     """The low-memory mode's part 0: diffusers then runs as on a machine without peft / bitsandbytes."""
     import subprocess

@@ -154,13 +154,13 @@ def low_memory_allocator() -> bool:
     return return_freed_memory_eagerly(LOW_MEMORY_MMAP_MIB)
 
 
-OPTIONAL_INTEGRATIONS = ("peft", "bitsandbytes")
+OPTIONAL_INTEGRATIONS = ("peft", "bitsandbytes", "scipy")
 
 
 def skip_unused_integrations(needed: tuple[str, ...] = ()) -> list[str]:
     """Part 0, before diffusers is imported: diffusers imports every optional integration it finds
-    installed, and peft (+71 MiB resident) and bitsandbytes (+37 MiB) are imported even by runs that
-    never use them. Those not in ``needed`` are marked absent for this process (``sys.modules[name] =
+    installed, and peft (+71 MiB resident), bitsandbytes (+37 MiB) and scipy (+56 MiB, through
+    transformers' loss modules) are imported even by runs that never use them. Those not in ``needed`` are marked absent for this process (``sys.modules[name] =
     None``: ``importlib.util.find_spec`` then reports them missing, as on a machine without them).
     Returns the names hidden; nothing once diffusers or transformers is already imported."""
     import sys

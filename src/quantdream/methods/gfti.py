@@ -145,6 +145,7 @@ def class_attention_init(evaluator, pixels: torch.Tensor, tokenizer, table: torc
 class GFTI(Method):
     name = "gf-ti"
     config_class = GFTIConfig
+    integrations = ("scipy",)   # pycma reaches for scipy in some samplers and step-size rules
 
     def __init__(self, objective: DenoisingObjective, theta0: torch.Tensor, config: GFTIConfig = GFTIConfig()):
         super().__init__(objective, theta0, config)
