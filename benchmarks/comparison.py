@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         print(json.dumps({"error": str(e)}))
         return 2
     out = Path(a.out)
-    reports, tables, failed_subjects = {}, {}, {}
+    reports, tables, failed_subjects, eval_notes = {}, {}, {}, []
     for i, subject in enumerate(subjects, 1):
         print(f"comparison: subject {i}/{len(subjects)}: {subject.name}", file=sys.stderr, flush=True)
         with contextlib.redirect_stdout(sys.stderr):           # stdout carries only the JSON object
@@ -232,6 +232,7 @@ def main(argv=None) -> int:
                 return 2
             continue
         report = json.loads(report_path.read_text())
+        eval_notes += [n for n in report.get("notes", []) if n not in eval_notes]
         tables[subject.name] = report["rows"]
         reports[subject.name] = str(out / subject.name / "report.md")
 
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
                 "images_per_prompt": a.images_per_prompt, "memory_arch": a.memory_arch, "memory_steps": a.memory_steps,
                 "memory_low_memory": a.memory_low_memory}
     summary = rep.build_report(rows, subject={"name": f"mean over {len(tables)} subjects", "class_word": "various"},
-                               settings=settings, memory=memory, figure=fig,
+                               settings=settings, memory=memory, figure=fig, evaluation={"notes": eval_notes},
                                notes=[f"per-subject reports: {', '.join(reports.values())}"])
     atomic_json(out / "report.json", {**summary, "bars": bars})
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(rep.report_markdown(summary)))

@@ -91,3 +91,24 @@ def test_tuneqdm_s2_bar_needs_prompt_accuracy_and_fidelity():
     lower = bar((0.7, 0.36), (0.6, 0.38))                      # better prompts, worse subject: not the claim
     assert lower["pass"] is False and lower["fidelity_difference"] == pytest.approx(-0.02)
     assert bar((0.5, 0.40), (0.6, 0.38))["pass"] is False
+
+
+@pytest.mark.slow
+def test_comparison_benchmark_end_to_end(tiny_model, random_evaluator, tmp_path, capsys):
+    """Two methods on one subject: the JSON, the bars and the mean report, whose notes carry the evaluation's."""
+    cmp = load_script("comparison")
+    out = tmp_path / "c"
+    argv = ["--subjects", "teal_bag", "--methods", "zoodip,ti", "--steps", "2", "--memory-arch", "none",
+            "--images-per-prompt", "1", "--prompts", "composition", "--eval-steps", "2", "--threads", "1",
+            "--model", str(tiny_model), "--evaluator", str(random_evaluator), "--out", str(out)]
+    assert cmp.main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["subjects"] == ["teal_bag"] and res["methods"] == ["zoodip", "ti"] and not res["failed_subjects"]
+    assert res["steps"] == {"zoodip": 2, "ti": 2}
+    for m in ("zoodip", "ti"):
+        assert isinstance(res["means"][m]["world_clip_i"], float)
+    assert set(res["bars"]) >= {"memory_ordering", "zoodip_vs_dreambooth", "storage", "gfti_below_zoodip",
+                                "tuneqdm_s2_vs_peqa"}
+    report = (out / "report.md").read_text()
+    assert "| zoodip | 1 | int8 | yes |" in report and (out / "figure1.png").is_file()
+    assert "no evaluation" not in report and "meaningful on the embedded model only" in report
