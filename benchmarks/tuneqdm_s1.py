@@ -27,15 +27,21 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", default="", help="comma-separated names under examples/subjects (default all)")
     ap.add_argument("--steps", type=int, default=0, help="steps of every run (default: tuneqdm-s1's embedded default)")
     ap.add_argument("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
+    ap.add_argument("--prompts", default=None, help="prompt kinds: context,property,composition (default all)")
+    ap.add_argument("--eval-steps", dest="eval_steps", type=int, default=0,
+                    help="DDIM steps of the evaluation images (default: the model's, 25 on the embedded model)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="tiny", help="tiny (the embedded model, default) or a diffusers folder")
+    ap.add_argument("--evaluator", default=None, help="world evaluator folder (default: the packaged one)")
     ap.add_argument("--out", default="out/bench_tuneqdm_s1")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
-    from quantdream.eval.protocol import EvalSettings
+    from quantdream.eval.protocol import EvalSettings, parse_kinds
     from quantdream.train import EMBEDDED_DEFAULTS
-    settings = EvalSettings(images_per_prompt=a.images_per_prompt, seed=a.seed, baseline=True)
+    settings = EvalSettings(images_per_prompt=a.images_per_prompt, kinds=parse_kinds(a.prompts), seed=a.seed,
+                            steps=a.eval_steps, baseline=True)
     steps = a.steps or EMBEDDED_DEFAULTS["tuneqdm-s1"]["steps"]
     table = {"peqa": ("peqa", {})} | {k: ("tuneqdm-s1", {"t_low": lo, "t_high": hi}) for k, (lo, hi) in INTERVALS.items()}
     names = [s for s in a.subjects.split(",") if s] or sorted(
@@ -44,9 +50,11 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         subject = ROOT / "examples" / "subjects" / name
-        runs = {v: train(subject, v, method, section, steps, out / "runs" / name / v, a.seed, a.threads, "tiny")
+        if not (subject / "subject.json").is_file():
+            raise SystemExit(f"no subject {name!r} under examples/subjects")
+        runs = {v: train(subject, v, method, section, steps, out / "runs" / name / v, a.seed, a.threads, a.model)
                 for v, (method, section) in table.items()}
-        m = evaluate(runs, out / "eval" / name, settings, None)
+        m = evaluate(runs, out / "eval" / name, settings, a.evaluator)
         by_dir = {str(p): v for v, p in runs.items()}
         rows += [{"variant": by_dir.get(r["run_dir"], "floor"), "subject": name,
                   **{k: r["metrics"].get(k) for k in METRICS}} for r in m["rows"]]
@@ -54,9 +62,14 @@ def main(argv=None) -> int:
                 for v in ["floor", *table]}
     for v, (lo, hi) in INTERVALS.items():
         variants[v]["interval"] = [lo, hi]
+    for v in INTERVALS:         # against PEQA (the same scales used at every t), TuneQDM's comparison
+        for k in ("world_clip_i", "prompt_accuracy"):
+            mine, peqa = variants[v][k], variants["peqa"][k]
+            variants[v][f"{k}_minus_peqa"] = None if mine is None or peqa is None else mine - peqa
     best = max(INTERVALS, key=lambda v: (variants[v]["prompt_accuracy"] or 0) + (variants[v]["world_clip_i"] or 0))
-    print(json.dumps({"subjects": names, "steps": steps, "seed": a.seed, "rule": "s1-high",
-                      "best_by_prompt_accuracy_plus_clip_i": best, "variants": variants, "per_subject": rows},
+    print(json.dumps({"subjects": names, "steps": steps, "seed": a.seed, "images_per_prompt": a.images_per_prompt,
+                      "rule": "s1-high", "best_by_prompt_accuracy_plus_clip_i": best,
+                      "rule_is_best": best == "s1-high", "variants": variants, "per_subject": rows},
                      indent=1, default=float))
     return 0
 

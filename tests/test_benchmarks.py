@@ -2,6 +2,7 @@
 are meaningless here; the benchmarks themselves run on the trained embedded model)."""
 import importlib.util
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,24 @@ def test_comparison_benchmark_end_to_end(tiny_model, random_evaluator, tmp_path,
     report = (out / "report.md").read_text()
     assert "| zoodip | 1 | int8 | yes |" in report and (out / "figure1.png").is_file()
     assert "no evaluation" not in report and "meaningful on the embedded model only" in report
+
+
+@pytest.mark.slow
+def test_tuneqdm_s1_benchmark_trains_every_interval(tiny_model, random_evaluator, tmp_path, capsys):
+    bench = load_script("tuneqdm_s1")
+    argv = ["--subjects", "teal_bag", "--steps", "2", "--images-per-prompt", "1", "--prompts", "composition",
+            "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model), "--evaluator", str(random_evaluator),
+            "--out", str(tmp_path / "s1")]
+    assert bench.main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["variants"]) == {"floor", "peqa", *bench.INTERVALS}
+    assert res["variants"]["s1-low"]["interval"] == [0, 500] and res["rule"] == "s1-high"
+    assert res["best_by_prompt_accuracy_plus_clip_i"] in bench.INTERVALS
+    for v in ("peqa", *bench.INTERVALS):
+        assert isinstance(res["variants"][v]["world_clip_i"], float), v
+        cfg = tomllib.loads((tmp_path / "s1" / "runs" / "teal_bag" / v / "config.toml").read_text())
+        if v == "peqa":
+            assert cfg["method"] == "peqa"
+        else:
+            assert cfg["method"] == "tuneqdm-s1"
+            assert [cfg["tuneqdm_s1"]["t_low"], cfg["tuneqdm_s1"]["t_high"]] == list(bench.INTERVALS[v])
