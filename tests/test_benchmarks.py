@@ -134,3 +134,31 @@ def test_tuneqdm_s1_benchmark_trains_every_interval(tiny_model, random_evaluator
         else:
             assert cfg["method"] == "tuneqdm-s1"
             assert [cfg["tuneqdm_s1"]["t_low"], cfg["tuneqdm_s1"]["t_high"]] == list(bench.INTERVALS[v])
+
+
+def test_early_stopping_patience_rule():
+    replay = load_script("early_stopping").replay
+    curve = [(1, 1.0), (100, 0.9), (200, 0.8), (300, 0.85), (400, 0.82), (500, 0.81), (600, 0.7)]
+    assert replay(curve, 3, 1500) == {"stop_step": 500, "best_step": 200, "evaluations": 6}
+    assert replay(curve, 1, 1500) == {"stop_step": 300, "best_step": 200, "evaluations": 4}
+    assert replay(curve, 5, 1500) == {"stop_step": 1500, "best_step": 600, "evaluations": 7}
+
+
+@pytest.mark.slow
+def test_early_stopping_benchmark_end_to_end(tiny_model, random_evaluator, tmp_path, capsys):
+    bench = load_script("early_stopping")
+    argv = ["--subjects", "teal_bag", "--steps", "6", "--every", "2", "--draws", "2", "--patience", "1",
+            "--images-per-prompt", "1", "--prompts", "composition", "--eval-steps", "2", "--threads", "1",
+            "--model", str(tiny_model), "--evaluator", str(random_evaluator), "--out", str(tmp_path / "e")]
+    assert bench.main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    row = res["per_subject"][0]
+    assert [s for s, _ in row["curve"]] == [1, 2, 4, 6]
+    # the held-out passes are counted in the run: 6 steps x 3 + 4 evaluations x 2 draws
+    assert row["recorded_passes"] == 6 * 3 + 4 * 2 and row["final_passes"] == 18
+    r = row["rules"]["1"]
+    assert r["passes"] == 3 * r["stop_step"] + 2 * r["evaluations"]
+    assert set(row["scores"]) >= {"floor", "early", "final"}
+    assert isinstance(res["means"]["world_clip_i"]["final"], float)
+    assert bench.main(argv) == 0                          # a rerun reuses the run and its curve
+    assert json.loads(capsys.readouterr().out)["per_subject"][0]["curve"] == row["curve"]

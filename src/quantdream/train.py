@@ -591,7 +591,8 @@ def personalize(cfg: RunConfig, progress: bool = False,
             if bar is not None:
                 bar.update(1)
             if callback is not None:
-                callback({"step": step, "steps": steps, "loss": loss, "method": method})
+                callback({"step": step, "steps": steps, "loss": loss, "method": method, "data": data,
+                          "placeholder": placeholder})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
                 seconds_now = seconds + time.perf_counter() - t0
                 seconds, t0 = seconds_now, time.perf_counter()
