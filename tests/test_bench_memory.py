@@ -175,3 +175,18 @@ def test_unused_integrations_are_hidden_from_diffusers_in_a_fresh_process(needed
     got, peft_seen, again = json.loads(r.stdout.strip().splitlines()[-1])
     assert got == hidden and again == []                 # once diffusers is imported nothing more is hidden
     assert peft_seen == (not hidden)
+
+
+def test_low_memory_bench_hides_the_integrations_before_diffusers_loads():
+    """The bench's measuring process must hide what the method does not need before anything imports
+    diffusers (models.load does), or the low-memory rows carry peft, bitsandbytes and scipy."""
+    import subprocess
+    import sys
+    code = ("import sys, json; from quantdream.bench.memory import BenchSpec, measure_in_process; "
+            "row = measure_in_process(BenchSpec(arch='tiny', method='zoodip', steps=1, threads=1, low_memory=True)); "
+            "print(json.dumps([row['status'], [m for m in ('peft', 'bitsandbytes', 'scipy') "
+            "if sys.modules.get(m) is not None]]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    status, imported = json.loads(r.stdout.strip().splitlines()[-1])
+    assert status == "ok" and imported == []

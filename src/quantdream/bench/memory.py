@@ -409,7 +409,6 @@ def measure_in_process(spec: BenchSpec) -> dict:
     import torch
 
     from .. import memory
-    from ..models.load import pick_device
     from ..train import resolve_dtype
     t_start = time.perf_counter()
     check_spec(spec)
@@ -433,6 +432,7 @@ def measure_in_process(spec: BenchSpec) -> dict:
         if why is not None:
             return {**row, "status": "failed", "note": f"bitsandbytes NF4 Linear4bit does not run here ({why}); "
                                                        f"{BNB_HINT}"}
+    from ..models.load import pick_device       # imports diffusers: only after the integrations are hidden
     device = torch.device(pick_device(spec.device))
     dtype = resolve_dtype(spec.dtype, device)
     res = spec.resolved_resolution()
