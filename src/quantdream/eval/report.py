@@ -193,6 +193,22 @@ HEADERS = {"clip_i": "CLIP-I", "world_clip_i": "world CLIP-I", "effnet": "EffNet
            "memory_mib": "training memory (MiB, log scale)", "run_peak_mib": "in-run training peak (MiB, log scale)"}
 
 
+def _labels(ax, rows: list[dict], x: str, y: str) -> None:
+    """One label per point; a label that would sit on an earlier one (close in log-x and y) moves down a line."""
+    import math
+    if not rows:
+        return
+    lx = [math.log10(r[x]) for r in rows]
+    ys = [r[y] for r in rows]
+    wx, wy = (max(lx) - min(lx)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for i in sorted(range(len(rows)), key=lambda i: -ys[i]):
+        k = sum(abs(lx[i] - px) < 0.15 * wx and abs(ys[i] - py) < 0.06 * wy for px, py in placed)
+        placed.append((lx[i], ys[i] - 0.05 * wy * k))
+        ax.annotate(rows[i]["method"], (rows[i][x], ys[i]), textcoords="offset points", xytext=(6, 5 - 11 * k),
+                    fontsize=9)
+
+
 def figure1(rows: list[dict], path: str | Path, title: str = "") -> dict:
     """ZOODiP Figure 1: training memory (x, log scale) against subject fidelity (y), one labelled point per
     method; gradient-free methods are stars. Always writes the PNG (with a note when nothing can be
@@ -217,7 +233,7 @@ def figure1(rows: list[dict], path: str | Path, title: str = "") -> dict:
             star = r["method"] in GRADIENT_FREE
             colour = "tab:red" if r["method"] == "zoodip" else ("tab:blue" if r.get("family") == "DB" else "tab:green")
             ax.scatter([r[x]], [r[y]], s=140 if star else 60, marker="*" if star else "o", color=colour, zorder=3)
-            ax.annotate(r["method"], (r[x], r[y]), textcoords="offset points", xytext=(6, 5), fontsize=9)
+    _labels(ax, [r for r in rows if r["method"] in plotted], x, y)
     if plotted:
         ax.set_xscale("log")
         ax.set_xlabel(HEADERS.get(x, x))
