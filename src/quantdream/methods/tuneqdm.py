@@ -13,7 +13,9 @@ Training samples t ~ U{0..999} (TAS: only expert j(t) gets a gradient) or, for S
 S1 interval rule: [500, 1000), the high-noise half. ZOODiP's PUTS study (Fig. 4/7, Table S7) finds that
 subject colour and shape are learned at high-noise timesteps while low-noise steps render details and
 follow the prompt; tuning only there should keep prompt fidelity. [UNVERIFIED] TuneQDM v1's own
-interval. Alternatives: ``--set tuneqdm_s1.t_low=0 --set tuneqdm_s1.t_high=500`` etc.
+interval. Alternatives: ``--set tuneqdm_s1.t_low=0 --set tuneqdm_s1.t_high=500`` etc. Measured
+(benchmarks/tuneqdm_s1.py, 2 subjects): [500, 1000) has the best subject and prompt fidelity of
+[0, 500), [250, 750), [500, 900) and PEQA's every-t scales (docs/personalization.md).
 N: 4 (TuneQDM's script ``--num_experts=4``, the only SD setting published); NOTE(paper): the T-note's
 CIFAR-10 ablation found N=2 best; ``--set tuneqdm.num_experts=2``.
 """
