@@ -203,7 +203,9 @@ def _labels(ax, rows: list[dict], x: str, y: str) -> None:
     wx, wy = (max(lx) - min(lx)) or 1.0, (max(ys) - min(ys)) or 1.0
     placed: list[tuple[float, float]] = []
     for i in sorted(range(len(rows)), key=lambda i: -ys[i]):
-        k = sum(abs(lx[i] - px) < 0.15 * wx and abs(ys[i] - py) < 0.06 * wy for px, py in placed)
+        k = 0
+        while any(abs(lx[i] - px) < 0.15 * wx and abs(ys[i] - 0.05 * wy * k - py) < 0.045 * wy for px, py in placed):
+            k += 1
         placed.append((lx[i], ys[i] - 0.05 * wy * k))
         ax.annotate(rows[i]["method"], (rows[i][x], ys[i]), textcoords="offset points", xytext=(6, 5 - 11 * k),
                     fontsize=9)
