@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from personalization import METRICS, ROOT, evaluate, mean  # noqa: E402  (the same harness)
+from personalization import METRICS, ROOT, evaluate, mean, train  # noqa: E402  (the same harness)
 
 
 def held_out_loss(method, data, placeholder, draws: int, seed: int) -> float:
@@ -54,14 +54,12 @@ def replay(curve: list[tuple[int, float]], patience: int, last_step: int) -> dic
 
 
 def run_subject(subject: Path, out: Path, a) -> dict:
-    from quantdream.train import EMBEDDED_DEFAULTS, build_config, personalize
-    from quantdream.world.subjects import load_subject
+    from quantdream.train import EMBEDDED_DEFAULTS
     steps = a.steps or EMBEDDED_DEFAULTS["zoodip"]["steps"]
     run = out / "run"
     curve_file = out / "curve.json"
     if not (run / "run.json").is_file() or not curve_file.is_file():
         shutil.rmtree(run, ignore_errors=True)          # the curve lives in this process: start over
-        subj = load_subject(subject)
         curve: list[tuple[int, float]] = []
 
         def callback(info: dict) -> None:
@@ -69,13 +67,8 @@ def run_subject(subject: Path, out: Path, a) -> dict:
                 # step 1 stands for the start (one step from the init word), so P counts from there
                 curve.append((info["step"], held_out_loss(info["method"], info["data"], info["placeholder"],
                                                           a.draws, a.seed + 7919)))
-        cfg = build_config(overrides={
-            "images": str(subject), "token": f"<{subject.name}>", "init_word": subj["class_word"], "out": str(run),
-            "model": a.model, "method": "zoodip", "seed": a.seed, "threads": a.threads, "sample_every": 0,
-            "steps": steps, "checkpoint_every": a.every})
-        res = personalize(cfg, callback=callback)
-        if not res.completed:
-            raise KeyboardInterrupt
+        train(subject, "zoodip", "zoodip", {}, steps, run, a.seed, a.threads, a.model,
+              extra={"checkpoint_every": a.every}, callback=callback)
         curve_file.write_text(json.dumps(curve))
     curve = [tuple(c) for c in json.loads(curve_file.read_text())]
     info = json.loads((run / "run.json").read_text())

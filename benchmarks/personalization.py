@@ -60,8 +60,9 @@ def variants(zoodip_steps: int, zoodip_lr: float, fraction: float, ti_steps: int
 
 
 def train(subject: Path, name: str, method: str, section: dict, steps: int, out: Path, seed: int,
-          threads: int, model: str) -> Path:
-    """One personalize run into ``out``; a finished run is kept, an interrupted one resumed."""
+          threads: int, model: str, extra: dict | None = None, callback=None) -> Path:
+    """One personalize run into ``out``; a finished run is kept, an interrupted one resumed. ``extra``: more
+    run settings (e.g. checkpoint_every); ``callback``: personalize's per-step callback."""
     from quantdream.methods import section_name
     from quantdream.train import build_config, personalize
     from quantdream.world.subjects import load_subject
@@ -77,11 +78,11 @@ def train(subject: Path, name: str, method: str, section: dict, steps: int, out:
     subj = load_subject(subject)
     overrides = {"images": str(subject), "token": f"<{subject.name}>", "init_word": subj["class_word"],
                  "out": str(out), "model": model, "method": method, "seed": seed, "threads": threads, "sample_every": 0,
-                 "resume": resume, section_name(method): section}
+                 "resume": resume, section_name(method): section, **(extra or {})}
     if steps:
         overrides["steps"] = steps
     t = time.perf_counter()
-    res = personalize(build_config(overrides=overrides))
+    res = personalize(build_config(overrides=overrides), callback=callback)
     if not res.completed:
         raise KeyboardInterrupt
     print(f"  trained {name} on {subject.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)

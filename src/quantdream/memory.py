@@ -160,8 +160,9 @@ OPTIONAL_INTEGRATIONS = ("peft", "bitsandbytes", "scipy")
 def skip_unused_integrations(needed: tuple[str, ...] = ()) -> list[str]:
     """Part 0, before diffusers is imported: diffusers imports every optional integration it finds
     installed, and peft (+71 MiB resident), bitsandbytes (+37 MiB) and scipy (+56 MiB, through
-    transformers' loss modules) are imported even by runs that never use them. Those not in ``needed`` are marked absent for this process (``sys.modules[name] =
-    None``: ``importlib.util.find_spec`` then reports them missing, as on a machine without them).
+    transformers' loss modules) are imported even by runs that never use them. Those not in ``needed``
+    are marked absent for this process (``sys.modules[name] = None``: ``importlib.util.find_spec`` then
+    reports them missing, as on a machine without them).
     Returns the names hidden; nothing once diffusers or transformers is already imported."""
     import sys
     if "diffusers" in sys.modules or "transformers" in sys.modules:

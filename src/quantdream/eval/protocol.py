@@ -120,11 +120,14 @@ class Adapter:
     prompt_style: "token" (TI-style: the token alone replaces {}) or "class" (DreamBooth-style: "<token> <class>").
     check(run): raise a clear error if the run's learned output is missing (runs before anything is loaded).
     load(run, device, dtype) -> pipeline with the learned output applied.
+    base_weights(run) -> the weights of the model the output renders on (the --baseline floor's); default
+    the run's own.
     """
 
     prompt_style: str
     check: Callable[[RunInfo], None]
     load: Callable[[RunInfo, str, torch.dtype], Any]
+    base_weights: Callable[[RunInfo], str] = lambda run: run.weights
 
     def subject_text(self, run: RunInfo, class_word: str) -> str:
         return run.token if self.prompt_style == "token" else f"{run.token} {class_word}"
@@ -421,8 +424,7 @@ def evaluate_runs(run_dirs: list[str | Path], out: str | Path, *, subject: str |
     for run, adapter, subj, prompts in jobs:
         logger.info("evaluating %s (%s) on %s: %d prompts x %d images", run.name, run.method, subj["name"],
                     len(prompts), settings.images_per_prompt)
-        # the floor on the model the run renders on; a QLoRA adapter renders on the float UNet (stock load_lora_weights)
-        base_weights = "none" if run.weights == "nf4" else run.weights
+        base_weights = adapter.base_weights(run)               # the floor renders on the model the run renders on
         if settings.baseline and (run.model, base_weights, subj["name"]) not in done_baselines:
             done_baselines.add((run.model, base_weights, subj["name"]))
             word = run.init_word or subj["class_word"]

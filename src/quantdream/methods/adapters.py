@@ -125,6 +125,9 @@ def register_evaluate_adapters() -> None:
         apply_adapter(pipe, run.dir)
         return pipe
 
-    adapter = protocol.Adapter("class", check, load)
+    def base_weights(run) -> str:   # a QLoRA adapter renders on the float UNet (stock load_lora_weights)
+        return "none" if run.weights == "nf4" else run.weights
+
+    adapter = protocol.Adapter("class", check, load, base_weights)
     for name in WEIGHT_METHODS:
         protocol.register_adapter(name, adapter)
