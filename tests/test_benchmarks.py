@@ -116,15 +116,15 @@ def test_comparison_benchmark_end_to_end(tiny_model, random_evaluator, tmp_path,
 
 
 @pytest.mark.slow
-def test_tuneqdm_s1_benchmark_trains_every_interval(tiny_model, random_evaluator, tmp_path, capsys):
-    bench = load_script("tuneqdm_s1")
+def test_tuneqdm_interval_study_trains_every_interval(tiny_model, random_evaluator, tmp_path, capsys):
+    bench = load_script("tuneqdm_study")
     argv = ["--subjects", "teal_bag", "--steps", "2", "--images-per-prompt", "1", "--prompts", "composition",
             "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model), "--evaluator", str(random_evaluator),
             "--out", str(tmp_path / "s1")]
     assert bench.main(argv) == 0
     res = json.loads(capsys.readouterr().out)
-    assert set(res["variants"]) == {"floor", "peqa", *bench.INTERVALS}
-    assert res["variants"]["s1-low"]["interval"] == [0, 500] and res["rule"] == "s1-high"
+    assert res["study"] == "interval" and set(res["variants"]) == {"floor", "peqa", *bench.INTERVALS}
+    assert res["variants"]["s1-low"]["t_low"] == 0 and res["shipped"] == "s1-high"
     assert res["best_by_prompt_accuracy_plus_clip_i"] in bench.INTERVALS
     for v in ("peqa", *bench.INTERVALS):
         assert isinstance(res["variants"][v]["world_clip_i"], float), v
@@ -134,6 +134,25 @@ def test_tuneqdm_s1_benchmark_trains_every_interval(tiny_model, random_evaluator
         else:
             assert cfg["method"] == "tuneqdm-s1"
             assert [cfg["tuneqdm_s1"]["t_low"], cfg["tuneqdm_s1"]["t_high"]] == list(bench.INTERVALS[v])
+
+
+@pytest.mark.slow
+def test_tuneqdm_experts_study_stores_one_set_per_expert(tiny_model, random_evaluator, tmp_path, capsys):
+    bench = load_script("tuneqdm_study")
+    argv = ["--study", "experts", "--subjects", "teal_bag", "--steps", "2", "--images-per-prompt", "1",
+            "--prompts", "composition", "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model),
+            "--evaluator", str(random_evaluator), "--out", str(tmp_path / "n")]
+    assert bench.main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["variants"]) == {"floor", "peqa", *bench.EXPERTS} and res["shipped"] == "tuneqdm-n4"
+    for v, n in bench.EXPERTS.items():
+        cfg = tomllib.loads((tmp_path / "n" / "runs" / "teal_bag" / v / "config.toml").read_text())
+        assert cfg["method"] == "tuneqdm" and cfg["tuneqdm"]["num_experts"] == n
+        assert isinstance(res["variants"][v]["prompt_accuracy"], float), v
+    size = {v: res["variants"][v]["storage_bytes"] for v in bench.EXPERTS}
+    per_set = size["tuneqdm-n2"] - size["tuneqdm-n1"]        # file = header + N output+input scale sets
+    assert per_set > 0 and abs(size["tuneqdm-n4"] - size["tuneqdm-n1"] - 3 * per_set) < 0.02 * per_set
+    assert res["variants"]["peqa"]["storage_bytes"] < size["tuneqdm-n1"]     # PEQA: output scales only
 
 
 def test_early_stopping_patience_rule():

@@ -14,7 +14,7 @@ S1 interval rule: [500, 1000), the high-noise half. ZOODiP's PUTS study (Fig. 4/
 subject colour and shape are learned at high-noise timesteps while low-noise steps render details and
 follow the prompt; tuning only there should keep prompt fidelity. [UNVERIFIED] TuneQDM v1's own
 interval. Alternatives: ``--set tuneqdm_s1.t_low=0 --set tuneqdm_s1.t_high=500`` etc. Measured
-(benchmarks/tuneqdm_s1.py, 2 subjects): [500, 1000) has the best subject and prompt fidelity of
+(benchmarks/tuneqdm_study.py --study interval, 2 subjects): [500, 1000) has the best subject and prompt fidelity of
 [0, 500), [250, 750), [500, 900) and PEQA's every-t scales (docs/personalization.md).
 N: 4 (TuneQDM's script ``--num_experts=4``, the only SD setting published); NOTE(paper): the T-note's
 CIFAR-10 ablation found N=2 best; ``--set tuneqdm.num_experts=2``.

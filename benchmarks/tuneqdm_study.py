@@ -1,0 +1,98 @@
+"""TuneQDM's two open choices on the embedded model (issue 5). Prints one JSON object.
+
+    python benchmarks/tuneqdm_study.py --study interval              # S1's timestep interval (default study)
+    python benchmarks/tuneqdm_study.py --study experts               # TuneQDM's number of timestep experts N
+    python benchmarks/tuneqdm_study.py --subjects teal_bag,olive_coat   # a subset; rerun to resume
+
+interval: S1 trains one PEQA scale set that is used only for t in [t_low, t_high) (frozen quantizer scales
+elsewhere). The rule quantdream ships is [500, 1000), the high-noise half (methods/tuneqdm.py says why); it
+is trained beside [0, 500), [250, 750), [500, 900) and PEQA (the scales used at every t).
+
+experts: ``tuneqdm`` (MCSU: output- and input-channel scales) with N = 1, 2, 4 timestep experts, beside
+PEQA. TuneQDM's script uses N = 4 (the default here), the T-note's CIFAR-10 ablation found N = 2 best, and
+the scale file grows with N (one output+input set per expert: ~2.5 MB each on SD-1.5).
+
+Every variant is trained on each subject with the same seed and its method's step count, and scored with
+``quantdream evaluate``'s protocol (world CLIP-I, EfficientNet, world CLIP-T, prompt accuracy), with the
+class word alone as the floor. Runs and evaluations are kept under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from personalization import METRICS, ROOT, evaluate, mean, train  # noqa: E402  (the same harness)
+
+INTERVALS = {"s1-high": (500, 1000), "s1-low": (0, 500), "s1-middle": (250, 750), "s1-puts": (500, 900)}
+EXPERTS = {"tuneqdm-n1": 1, "tuneqdm-n2": 2, "tuneqdm-n4": 4}
+STUDIES = {   # variant -> (method, its settings section); the shipped choice of each study
+    "interval": ({"peqa": ("peqa", {})} | {k: ("tuneqdm-s1", {"t_low": lo, "t_high": hi})
+                                           for k, (lo, hi) in INTERVALS.items()}, "s1-high"),
+    "experts": ({"peqa": ("peqa", {})} | {k: ("tuneqdm", {"num_experts": n}) for k, n in EXPERTS.items()},
+                "tuneqdm-n4"),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", choices=sorted(STUDIES), default="interval")
+    ap.add_argument("--subjects", default="", help="comma-separated names under examples/subjects (default all)")
+    ap.add_argument("--steps", type=int, default=0, help="steps of every run (default: each method's embedded default)")
+    ap.add_argument("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
+    ap.add_argument("--prompts", default=None, help="prompt kinds: context,property,composition (default all)")
+    ap.add_argument("--eval-steps", dest="eval_steps", type=int, default=0,
+                    help="DDIM steps of the evaluation images (default: the model's, 25 on the embedded model)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="tiny", help="tiny (the embedded model, default) or a diffusers folder")
+    ap.add_argument("--evaluator", default=None, help="world evaluator folder (default: the packaged one)")
+    ap.add_argument("--out", default=None, help="default out/bench_tuneqdm_<study>")
+    a = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(a.threads)
+    from quantdream.eval.protocol import EvalSettings, parse_kinds
+    from quantdream.methods.peqa import SCALES_FILE
+    from quantdream.train import EMBEDDED_DEFAULTS
+    settings = EvalSettings(images_per_prompt=a.images_per_prompt, kinds=parse_kinds(a.prompts), seed=a.seed,
+                            steps=a.eval_steps, baseline=True)
+    table, shipped = STUDIES[a.study]
+    names = [s for s in a.subjects.split(",") if s] or sorted(
+        d.name for d in (ROOT / "examples" / "subjects").iterdir() if (d / "subject.json").is_file())
+    out = Path(a.out or f"out/bench_tuneqdm_{a.study}").resolve()
+    rows = []
+    for name in names:
+        subject = ROOT / "examples" / "subjects" / name
+        if not (subject / "subject.json").is_file():
+            raise SystemExit(f"no subject {name!r} under examples/subjects")
+        runs = {v: train(subject, v, method, section, a.steps or EMBEDDED_DEFAULTS[method]["steps"],
+                         out / "runs" / name / v, a.seed, a.threads, a.model)
+                for v, (method, section) in table.items()}
+        m = evaluate(runs, out / "eval" / name, settings, a.evaluator)
+        by_dir = {str(p): v for v, p in runs.items()}
+        rows += [{"variant": by_dir.get(r["run_dir"], "floor"), "subject": name,
+                  **{k: r["metrics"].get(k) for k in METRICS}} for r in m["rows"]]
+        for v, p in runs.items():   # the embedded model's scale file (the SD-1.5 sizes come from bench memory)
+            rows.append({"variant": v, "subject": name, "storage_bytes": (p / SCALES_FILE).stat().st_size})
+    variants = {v: {k: mean([r[k] for r in rows if r["variant"] == v and k in r]) for k in (*METRICS, "storage_bytes")}
+                for v in ["floor", *table]}
+    for v, (method, section) in table.items():
+        variants[v] |= {"method": method, **section}
+    studied = [v for v in table if v != "peqa"]
+    for v in studied:           # against PEQA (one output-scale set used at every t), TuneQDM's comparison
+        for k in ("world_clip_i", "prompt_accuracy"):
+            mine, peqa = variants[v][k], variants["peqa"][k]
+            variants[v][f"{k}_minus_peqa"] = None if mine is None or peqa is None else mine - peqa
+    best = max(studied, key=lambda v: (variants[v]["prompt_accuracy"] or 0) + (variants[v]["world_clip_i"] or 0))
+    print(json.dumps({"study": a.study, "subjects": names, "seed": a.seed, "images_per_prompt": a.images_per_prompt,
+                      "steps": {v: a.steps or EMBEDDED_DEFAULTS[method]["steps"] for v, (method, _) in table.items()},
+                      "shipped": shipped, "best_by_prompt_accuracy_plus_clip_i": best, "shipped_is_best": best == shipped,
+                      "variants": variants, "per_subject": [r for r in rows if "storage_bytes" not in r]},
+                     indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
