@@ -82,6 +82,31 @@ def test_evaluate_qlora_run_with_baseline(tiny_model, random_evaluator, tmp_path
     assert rows[0]["prompts"][0] == "a red bag" and rows[1]["prompts"][0] == "a red sks bag"
 
 
+@pytest.mark.slow
+def test_scale_method_floor_is_the_model_its_scales_apply_to(tiny_model, tmp_path):
+    """PEQA / TuneQDM files apply to a float pipeline whose UNet alone is quantized; the --baseline floor is
+    that model with nothing learned: with lr 0 the run's pipeline and the floor's give the same UNet output."""
+    import torch
+    from quantdream.eval.protocol import adapter_for, read_run
+    from quantdream.quant import quantized_layers
+    run = tmp_path / "peqa"
+    assert main(["personalize", "--images", str(SUBJECT), "--init-word", "bag", "--model", str(tiny_model),
+                 "--method", "peqa", "--steps", "1", "--threads", "1", "--set", "sample_images=0",
+                 "--set", "peqa.lr=0", "--out", str(run)]) == 0
+    info = read_run(run)
+    adapter = adapter_for(info)
+    assert adapter.base_weights(info) == "int8-unet"
+    floor, tuned = adapter.load_floor(info), adapter.load(info, "cpu", torch.float32)
+    assert list(quantized_layers(floor.unet)) and not list(quantized_layers(floor.text_encoder))
+    assert not list(quantized_layers(floor.vae))
+    torch.manual_seed(0)
+    c = floor.unet.config
+    x, t = torch.randn(1, c.in_channels, c.sample_size, c.sample_size), torch.tensor([700])
+    h = torch.randn(1, 8, c.cross_attention_dim)
+    with torch.no_grad():
+        assert torch.equal(floor.unet(x, t, h).sample, tuned.unet(x, t, h).sample)
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def test_run_dir_without_run_json(tmp_path, capsys):
     (tmp_path / "r").mkdir()

@@ -120,14 +120,22 @@ class Adapter:
     prompt_style: "token" (TI-style: the token alone replaces {}) or "class" (DreamBooth-style: "<token> <class>").
     check(run): raise a clear error if the run's learned output is missing (runs before anything is loaded).
     load(run, device, dtype) -> pipeline with the learned output applied.
-    base_weights(run) -> the weights of the model the output renders on (the --baseline floor's); default
-    the run's own.
+    base_weights(run) -> a label for the weights of the model the output renders on (the --baseline
+    floor's); default the run's own.
+    load_base(run, device, dtype) -> that model with nothing learned applied (the floor); default
+    :func:`load_base` at ``base_weights(run)``.
     """
 
     prompt_style: str
     check: Callable[[RunInfo], None]
     load: Callable[[RunInfo, str, torch.dtype], Any]
     base_weights: Callable[[RunInfo], str] = lambda run: run.weights
+    load_base: Callable[[RunInfo, str, torch.dtype], Any] | None = None
+
+    def load_floor(self, run: RunInfo, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        if self.load_base is not None:
+            return self.load_base(run, device, dtype)
+        return load_base(dataclasses.replace(run, weights=self.base_weights(run)), device, dtype)
 
     def subject_text(self, run: RunInfo, class_word: str) -> str:
         return run.token if self.prompt_style == "token" else f"{run.token} {class_word}"
@@ -428,7 +436,7 @@ def evaluate_runs(run_dirs: list[str | Path], out: str | Path, *, subject: str |
         if settings.baseline and (run.model, base_weights, subj["name"]) not in done_baselines:
             done_baselines.add((run.model, base_weights, subj["name"]))
             word = run.init_word or subj["class_word"]
-            pipe = load_base(dataclasses.replace(run, weights=base_weights), device)
+            pipe = adapter.load_floor(run, device)
             texts = [p["prompt"].format(word) for p in prompts]
             images, steps, guid = render(pipe, texts, run.model)
             del pipe

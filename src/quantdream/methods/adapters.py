@@ -125,9 +125,20 @@ def register_evaluate_adapters() -> None:
         apply_adapter(pipe, run.dir)
         return pipe
 
-    def base_weights(run) -> str:   # a QLoRA adapter renders on the float UNet (stock load_lora_weights)
-        return "none" if run.weights == "nf4" else run.weights
+    def base_weights(run) -> str:
+        # a QLoRA adapter renders on the float UNet (stock load_lora_weights); scale files on a float
+        # pipeline whose UNet alone is quantized (apply_scales), as PEQA / TuneQDM train
+        return "none" if run.weights in ("none", "nf4") else f"{run.weights}-unet"
 
-    adapter = protocol.Adapter("class", check, load, base_weights)
+    def load_base(run, device: str = "cpu", dtype=None):
+        import torch
+        from ..models.load import load_pipeline
+        from . import method_class
+        pipe = load_pipeline(run.model, device=device, dtype=dtype or torch.float32)
+        if base_weights(run) != "none":      # the scale methods' frozen model: their own prepare_model
+            method_class(run.method).prepare_model(pipe.text_encoder, pipe.vae, pipe.unet, run.weights, None)
+        return pipe
+
+    adapter = protocol.Adapter("class", check, load, base_weights, load_base)
     for name in WEIGHT_METHODS:
         protocol.register_adapter(name, adapter)
