@@ -17,7 +17,9 @@ interval. Alternatives: ``--set tuneqdm_s1.t_low=0 --set tuneqdm_s1.t_high=500``
 (benchmarks/tuneqdm_study.py --study interval, 2 subjects): [500, 1000) has the best subject and prompt fidelity of
 [0, 500), [250, 750), [500, 900) and PEQA's every-t scales (docs/personalization.md).
 N: 4 (TuneQDM's script ``--num_experts=4``, the only SD setting published); NOTE(paper): the T-note's
-CIFAR-10 ablation found N=2 best; ``--set tuneqdm.num_experts=2``.
+CIFAR-10 ablation found N=2 best; ``--set tuneqdm.num_experts=2``. Measured here (benchmarks/tuneqdm_study.py
+--study experts, 4 subjects): N=2 and N=4 level; N=1 renders as PEQA, since at lr 3e-6 Adam moves s_in (init 1)
+by <= 5e-4 in 400 steps while s_out (~1e-3) moves by ~100% (TuneQDM's code: the same rate and init).
 """
 from __future__ import annotations
 
