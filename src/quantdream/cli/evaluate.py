@@ -33,7 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--subject", help="subject folder with subject.json (default: the one beside each run's training photos)")
     a("--images-per-prompt", dest="images_per_prompt", type=int, default=4, help="images per prompt (default 4)")
     a("--prompts", help="prompt kinds to use, comma-separated: context,property,composition (default all)")
-    a("--baseline", action="store_true", help="also score the init word with no personalization (the floor)")
+    a("--baseline", action="store_true",
+      help="also score the init word with no personalization (the floor), on the model each run renders on "
+           "(token methods: the run's quantized model; PEQA/TuneQDM: the float model with its UNet quantized)")
     a("--clip", help="local transformers CLIP folder for real CLIP-I / CLIP-T (e.g. clip-vit-base-patch32)")
     a("--dino", help="local transformers DINOv2 (or DINO ViT) folder for the real DINO metric")
     a("--evaluator", help="world evaluator folder (default: the packaged one)")
