@@ -12,6 +12,10 @@ experts: ``tuneqdm`` (MCSU: output- and input-channel scales) with N = 1, 2, 4 t
 PEQA. TuneQDM's script uses N = 4 (the default here), the T-note's CIFAR-10 ablation found N = 2 best, and
 the scale file grows with N (one output+input set per expert: ~2.5 MB each on SD-1.5).
 
+mcsu (beyond the paper): at TuneQDM's one rate (3e-6) the input scales, which start at 1, barely move; here
+they get their own rate (``--set tuneqdm.lr_in=3e-3``, the same relative step as the output scales) at N = 1
+and N = 4, beside PEQA and the default. Pass the experts study's --out to reuse its peqa / tuneqdm-n4 runs.
+
 Every variant is trained on each subject with the same seed and its method's step count, and scored with
 ``quantdream evaluate``'s protocol (world CLIP-I, EfficientNet, world CLIP-T, prompt accuracy), with the
 class word alone as the floor. Runs and evaluations are kept under --out.
@@ -28,11 +32,14 @@ from personalization import METRICS, ROOT, evaluate, mean, train  # noqa: E402  
 
 INTERVALS = {"s1-high": (500, 1000), "s1-low": (0, 500), "s1-middle": (250, 750), "s1-puts": (500, 900)}
 EXPERTS = {"tuneqdm-n1": 1, "tuneqdm-n2": 2, "tuneqdm-n4": 4}
+LR_IN = 3e-3   # s_in's own rate: s_in starts at 1, s_out at ~1e-3, so lr 3e-6 moves both by ~0.3% per step
 STUDIES = {   # variant -> (method, its settings section); the shipped choice of each study
     "interval": ({"peqa": ("peqa", {})} | {k: ("tuneqdm-s1", {"t_low": lo, "t_high": hi})
                                            for k, (lo, hi) in INTERVALS.items()}, "s1-high"),
     "experts": ({"peqa": ("peqa", {})} | {k: ("tuneqdm", {"num_experts": n}) for k, n in EXPERTS.items()},
                 "tuneqdm-n4"),
+    "mcsu": ({"peqa": ("peqa", {}), "tuneqdm-n4": ("tuneqdm", {"num_experts": 4})}
+             | {f"tuneqdm-n{n}-lr-in": ("tuneqdm", {"num_experts": n, "lr_in": LR_IN}) for n in (1, 4)}, "tuneqdm-n4"),
 }
 
 

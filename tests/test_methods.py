@@ -178,6 +178,20 @@ def test_tuneqdm_expert_follows_the_timestep(tiny_model):
         assert r.method.selector.current == j
 
 
+def test_tuneqdm_lr_in_gives_input_scales_their_own_rate(tiny_model):
+    """lr = 0 for s_out, lr_in > 0 for s_in: one step moves every trained s_in and no s_out."""
+    from quantdream.quant import quantized_layers
+    r = build(tiny_model, "tuneqdm", num_experts=1, lr=0.0, lr_in=1e-2, weight_decay=0.0)
+    layers = [m for _, m in quantized_layers(r.unet)]
+    s_out0 = [m.s_out[0].detach().clone() for m in layers]
+    r.method.step(batch(r.placeholder.text), Streams.from_seed(0))
+    assert all(torch.equal(m.s_out[0], s) for m, s in zip(layers, s_out0))
+    moved = [bool((m.s_in[0] - 1).abs().max() > 1e-3) for m in layers]
+    assert sum(moved) > len(layers) // 2
+    with pytest.raises(ValueError, match="mcsu"):
+        build(tiny_model, "tuneqdm", mcsu=False, lr_in=1e-3)
+
+
 def test_s1_uses_frozen_scales_outside_its_interval(tiny_model):
     r = build(tiny_model, "tuneqdm-s1")                       # interval [500, 1000)
     assert r.method.selector.interval == (500.0, 1000.0)

@@ -50,13 +50,17 @@ class GradientMethod(Method):
         self.params: list[torch.nn.Parameter] = self.make_trainable(self.unet)
         if not self.params:
             raise ValueError(f"{self.name}: no trainable parameters were created")
-        self.opt = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps,
-                                     weight_decay=config.weight_decay)
+        self.opt = torch.optim.AdamW(self.param_groups(), lr=config.lr, betas=tuple(config.betas),
+                                     eps=config.adam_eps, weight_decay=config.weight_decay)
         self.identifier = ""                     # set by setup() from the run: "sks bag"
 
     # -- what a subclass provides
     def make_trainable(self, unet) -> list[torch.nn.Parameter]:
         raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """AdamW's parameter groups: one, at ``config.lr`` (a subclass may give some tensors their own rate)."""
+        return [{"params": self.params}]
 
     def timestep_sampler(self) -> TimestepSampler:
         c = self.config

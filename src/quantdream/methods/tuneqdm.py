@@ -32,6 +32,7 @@ from .peqa import PeqaConfig, ScaleTuning
 class TuneQDMConfig(PeqaConfig):
     num_experts: int = 4              # N, TuneQDM's script
     mcsu: bool = True                 # train s_in as well (off: TAS only, the ablation row)
+    lr_in: float = 0.0                # s_in's rate; 0: lr, one rate for both (TuneQDM's code). Beyond the paper
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,17 @@ class TuneQDM(ScaleTuning):
 
     def scale_sets(self):
         return self.config.num_experts, None
+
+    def param_groups(self) -> list[dict]:
+        if self.config.lr_in < 0 or (self.config.lr_in and not self.config.mcsu):
+            raise ValueError(f"tuneqdm.lr_in = {self.config.lr_in}: use 0 (the same rate as s_out) or a positive "
+                             f"rate with tuneqdm.mcsu = true (s_in is trained only with MCSU)")
+        if not self.config.lr_in:
+            return super().param_groups()
+        from ..quant import quantized_layers
+        s_in = {id(p) for _, layer in quantized_layers(self.unet) for p in (layer.s_in or [])}
+        return [{"params": [p for p in self.params if id(p) not in s_in]},
+                {"params": [p for p in self.params if id(p) in s_in], "lr": self.config.lr_in}]
 
 
 class TuneQDMS2(ScaleTuning):
