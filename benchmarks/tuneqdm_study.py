@@ -79,8 +79,9 @@ def main(argv=None) -> int:
                 for v, (method, section) in table.items()}
         m = evaluate(runs, out / "eval" / name, settings, a.evaluator)
         by_dir = {str(p): v for v, p in runs.items()}
-        rows += [{"variant": by_dir.get(r["run_dir"], "floor"), "subject": name,
-                  **{k: r["metrics"].get(k) for k in METRICS}} for r in m["rows"]]
+        rows += [{"variant": "floor" if r["run_dir"] is None else by_dir[r["run_dir"]], "subject": name,
+                  **{k: r["metrics"].get(k) for k in METRICS}}
+                 for r in m["rows"] if r["run_dir"] is None or r["run_dir"] in by_dir]   # another study's runs: not ours
         for v, p in runs.items():   # the embedded model's scale file (the SD-1.5 sizes come from bench memory)
             rows.append({"variant": v, "subject": name, "storage_bytes": (p / SCALES_FILE).stat().st_size})
     variants = {v: {k: mean([r[k] for r in rows if r["variant"] == v and k in r]) for k in (*METRICS, "storage_bytes")}
