@@ -14,7 +14,8 @@ the scale file grows with N (one output+input set per expert: ~2.5 MB each on SD
 
 mcsu (beyond the paper): at TuneQDM's one rate (3e-6) the input scales, which start at 1, barely move; here
 they get their own rate (``--set tuneqdm.lr_in=3e-3``, the same relative step as the output scales) at N = 1
-and N = 4, beside PEQA and the default. Pass the experts study's --out to reuse its peqa / tuneqdm-n4 runs.
+and N = 4, beside PEQA and the default (copy the experts study's runs/SUBJECT/{peqa,tuneqdm-n4} into this
+study's --out to reuse them: a finished run with the same settings is kept).
 
 Every variant is trained on each subject with the same seed and its method's step count, and scored with
 ``quantdream evaluate``'s protocol (world CLIP-I, EfficientNet, world CLIP-T, prompt accuracy), with the
