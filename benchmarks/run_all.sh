@@ -32,5 +32,6 @@ step comparison python benchmarks/comparison.py $subj --threads "$threads" --res
 step comparison_lowmem python benchmarks/comparison.py $subj --threads "$threads" --resume --memory-low-memory --out out/bench_comparison
 step tuneqdm_interval python benchmarks/tuneqdm_study.py --study interval $subj --threads "$threads"
 step tuneqdm_experts python benchmarks/tuneqdm_study.py --study experts $subj --threads "$threads"
+step tuneqdm_mcsu python benchmarks/tuneqdm_study.py --study mcsu $subj --threads "$threads"
 step early_stopping python benchmarks/early_stopping.py $subj --threads "$threads" --out out/bench_early_stopping
 step personalization_memory python benchmarks/personalization_memory.py --threads 1 --low-memory
