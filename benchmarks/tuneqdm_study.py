@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     names = [s for s in a.subjects.split(",") if s] or sorted(
         d.name for d in (ROOT / "examples" / "subjects").iterdir() if (d / "subject.json").is_file())
     out = Path(a.out or f"out/bench_tuneqdm_{a.study}").resolve()
-    rows = []
+    rows, sizes = [], {}
     for name in names:
         subject = ROOT / "examples" / "subjects" / name
         if not (subject / "subject.json").is_file():
@@ -82,11 +82,11 @@ def main(argv=None) -> int:
         by_dir = {str(p): v for v, p in runs.items()}
         rows += [{"variant": "floor" if r["run_dir"] is None else by_dir[r["run_dir"]], "subject": name,
                   **{k: r["metrics"].get(k) for k in METRICS}}
-                 for r in m["rows"] if r["run_dir"] is None or r["run_dir"] in by_dir]   # another study's runs: not ours
+                 for r in m["rows"] if r["run_dir"] is None or r["run_dir"] in by_dir]  # not another study's runs
         for v, p in runs.items():   # the embedded model's scale file (the SD-1.5 sizes come from bench memory)
-            rows.append({"variant": v, "subject": name, "storage_bytes": (p / SCALES_FILE).stat().st_size})
-    variants = {v: {k: mean([r[k] for r in rows if r["variant"] == v and k in r]) for k in (*METRICS, "storage_bytes")}
-                for v in ["floor", *table]}
+            sizes.setdefault(v, []).append((p / SCALES_FILE).stat().st_size)
+    variants = {v: {k: mean([r[k] for r in rows if r["variant"] == v]) for k in METRICS}
+                | {"storage_bytes": mean(sizes.get(v, []))} for v in ["floor", *table]}
     for v, (method, section) in table.items():
         variants[v] |= {"method": method, **section}
     studied = [v for v in table if v != "peqa"]
@@ -97,8 +97,9 @@ def main(argv=None) -> int:
     best = max(studied, key=lambda v: (variants[v]["prompt_accuracy"] or 0) + (variants[v]["world_clip_i"] or 0))
     print(json.dumps({"study": a.study, "subjects": names, "seed": a.seed, "images_per_prompt": a.images_per_prompt,
                       "steps": {v: a.steps or EMBEDDED_DEFAULTS[method]["steps"] for v, (method, _) in table.items()},
-                      "shipped": shipped, "best_by_prompt_accuracy_plus_clip_i": best, "shipped_is_best": best == shipped,
-                      "variants": variants, "per_subject": [r for r in rows if "storage_bytes" not in r]},
+                      "shipped": shipped, "best_by_prompt_accuracy_plus_clip_i": best,
+                      "shipped_is_best": best == shipped,
+                      "variants": variants, "per_subject": rows},
                      indent=1, default=float))
     return 0
 

@@ -82,7 +82,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--prompts", help="prompt kinds to evaluate, comma-separated: context,property,composition (default all)")
     a("--eval-steps", dest="eval_steps", type=int, default=0,
       help="DDIM steps of the evaluation images (default 25 on the embedded model, 50 otherwise)")
-    a("--baseline", action="store_true", help="also evaluate the init word with no personalization (the floor), on the model each run renders on")
+    a("--baseline", action="store_true",
+      help="also evaluate the init word with no personalization (the floor), on the model each run renders on")
     a("--clip", help="local transformers CLIP folder for real CLIP-I / CLIP-T")
     a("--dino", help="local transformers DINOv2 folder for the real DINO metric")
     a("--evaluator", help="world evaluator folder (default: the packaged one)")

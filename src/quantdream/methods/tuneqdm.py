@@ -32,7 +32,7 @@ from .peqa import PeqaConfig, ScaleTuning
 class TuneQDMConfig(PeqaConfig):
     num_experts: int = 4              # N, TuneQDM's script
     mcsu: bool = True                 # train s_in as well (off: TAS only, the ablation row)
-    lr_in: float = 0.0                # s_in's rate; 0: lr, one rate (TuneQDM's code). Beyond the paper: docs/personalization.md
+    lr_in: float = 0.0                # s_in's own rate; 0: lr (TuneQDM's code). Beyond the paper, see docs
 
 
 @dataclass(frozen=True)
