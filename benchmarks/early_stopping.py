@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from personalization import METRICS, ROOT, evaluate, mean, train  # noqa: E402  (the same harness)
+from personalization import METRICS, add_harness_args, eval_settings, evaluate, mean, subject_dirs, train  # noqa: E402
 
 
 def held_out_loss(method, data, placeholder, draws: int, seed: int) -> float:
@@ -84,10 +84,7 @@ def run_subject(subject: Path, out: Path, a) -> dict:
             shutil.copy(run / f, d / f)
         shutil.copy(snap, d / "learned_embeds.safetensors")
         runs["early"] = d
-    from quantdream.eval.protocol import EvalSettings, parse_kinds
-    settings = EvalSettings(images_per_prompt=a.images_per_prompt, kinds=parse_kinds(a.prompts), seed=a.seed,
-                            steps=a.eval_steps, baseline=True)
-    m = evaluate(runs, out / "eval", settings, a.evaluator)
+    m = evaluate(runs, out / "eval", eval_settings(a), a.evaluator)
     by_dir = {str(p): v for v, p in runs.items()}
     scores = {by_dir.get(r["run_dir"], "floor"): {k: r["metrics"].get(k) for k in METRICS} for r in m["rows"]}
     if chosen["best_step"] == 1:                          # nothing beat the first evaluation: ~ the init word
@@ -103,30 +100,17 @@ def run_subject(subject: Path, out: Path, a) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--subjects", default="", help="comma-separated names under examples/subjects (default all)")
+    add_harness_args(ap, "out/bench_early_stopping")
     ap.add_argument("--steps", type=int, default=0, help="ZOODiP's steps (default: its embedded default)")
     ap.add_argument("--every", type=int, default=100, help="held-out evaluation (and snapshot) every N steps")
     ap.add_argument("--draws", type=int, default=16, help="fixed (photo, t, noise) draws of the held-out loss")
     ap.add_argument("--patience", type=int, default=3, help="the rule whose returned token is evaluated")
-    ap.add_argument("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
-    ap.add_argument("--prompts", default=None, help="prompt kinds: context,property,composition (default all)")
-    ap.add_argument("--eval-steps", dest="eval_steps", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", default="tiny")
-    ap.add_argument("--evaluator", default=None)
-    ap.add_argument("--out", default="out/bench_early_stopping")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
-    names = [s for s in a.subjects.split(",") if s] or sorted(
-        d.name for d in (ROOT / "examples" / "subjects").iterdir() if (d / "subject.json").is_file())
-    rows = []
-    for name in names:
-        subject = ROOT / "examples" / "subjects" / name
-        if not (subject / "subject.json").is_file():
-            raise SystemExit(f"no subject {name!r} under examples/subjects")
-        rows.append(run_subject(subject, Path(a.out).resolve() / name, a))
+    subjects = subject_dirs(a)
+    names = [d.name for d in subjects]
+    rows = [run_subject(subject, Path(a.out).resolve() / subject.name, a) for subject in subjects]
     summary = {k: {v: mean([r["scores"][v][k] for r in rows]) for v in ("floor", "early", "final")} for k in METRICS}
     fr = [r["rules"][a.patience]["passes_fraction"] for r in rows]
     ratio = [r["scores"]["early"]["world_clip_i"] / r["scores"]["final"]["world_clip_i"] for r in rows

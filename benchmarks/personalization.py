@@ -137,6 +137,39 @@ def evaluate(runs: dict[str, Path], out: Path, settings, evaluator: str | None) 
     return evaluate_runs(list(runs.values()), out, evaluator_dir=evaluator, settings=settings)
 
 
+def add_harness_args(ap: argparse.ArgumentParser, out: str | None, out_help: str | None = None) -> None:
+    """The options every per-subject benchmark here shares: subjects, evaluation, seed, threads, model, --out."""
+    a = ap.add_argument
+    a("--subjects", default="", help="comma-separated names under examples/subjects (default all)")
+    a("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
+    a("--prompts", default=None, help="prompt kinds: context,property,composition (default all)")
+    a("--eval-steps", dest="eval_steps", type=int, default=0,
+      help="DDIM steps of the evaluation images (default: the model's, 25 on the embedded model)")
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=2)
+    a("--model", default="tiny", help="tiny (the embedded model, default) or a diffusers folder")
+    a("--evaluator", default=None, help="world evaluator folder (default: the packaged one)")
+    a("--out", default=out, help=out_help)
+
+
+def eval_settings(a):
+    """``quantdream evaluate``'s settings from :func:`add_harness_args`' options, with the floor."""
+    from quantdream.eval.protocol import EvalSettings, parse_kinds
+    return EvalSettings(images_per_prompt=a.images_per_prompt, kinds=parse_kinds(a.prompts), seed=a.seed,
+                        steps=a.eval_steps, baseline=True)
+
+
+def subject_dirs(a) -> list[Path]:
+    """--subjects (default: every example subject) as folders; an unknown name stops before any training."""
+    root = ROOT / "examples" / "subjects"
+    names = [s for s in a.subjects.split(",") if s] or sorted(
+        d.name for d in root.iterdir() if (d / "subject.json").is_file())
+    for name in names:
+        if not (root / name / "subject.json").is_file():
+            raise SystemExit(f"no subject {name!r} under examples/subjects")
+    return [root / n for n in names]
+
+
 def mean(xs: list) -> float | None:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
@@ -144,7 +177,7 @@ def mean(xs: list) -> float | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--subjects", default="", help="comma-separated names under examples/subjects (default all)")
+    add_harness_args(ap, "out/bench_personalization")
     ap.add_argument("--variants", default="", help="comma-separated variants (default all; see above)")
     ap.add_argument("--zoodip-steps", dest="zoodip_steps", type=int, default=0,
                     help="zoodip's steps (default: personalize's embedded-model default)")
@@ -152,36 +185,23 @@ def main(argv=None) -> int:
                     help="textual inversion's steps (default: personalize's embedded-model default)")
     ap.add_argument("--budget-fraction", dest="budget_fraction", type=float, default=1 / 3,
                     help="forward-pass budget of the budget-* variants as a fraction of zoodip's (default 1/3)")
-    ap.add_argument("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
-    ap.add_argument("--prompts", default=None, help="prompt kinds: context,property,composition (default all)")
-    ap.add_argument("--eval-steps", dest="eval_steps", type=int, default=0,
-                    help="DDIM steps of the evaluation images (default: the model's, 25 on the embedded model)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", default="tiny", help="tiny (the embedded model, default) or a diffusers folder")
-    ap.add_argument("--evaluator", default=None, help="world evaluator folder (default: the packaged one)")
-    ap.add_argument("--out", default="out/bench_personalization")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
-    from quantdream.eval.protocol import EvalSettings, parse_kinds
     from quantdream.train import EMBEDDED_DEFAULTS
-    settings = EvalSettings(images_per_prompt=a.images_per_prompt, kinds=parse_kinds(a.prompts), seed=a.seed,
-                            steps=a.eval_steps, baseline=True)
+    settings = eval_settings(a)
     z = EMBEDDED_DEFAULTS["zoodip"]
     table = variants(a.zoodip_steps or z["steps"], z["section"]["lr"], a.budget_fraction, a.ti_steps)
     chosen = [v for v in a.variants.split(",") if v] or list(table)
     unknown = [v for v in chosen if v not in table]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(table)}")
-    names = [s for s in a.subjects.split(",") if s] or sorted(
-        d.name for d in (ROOT / "examples" / "subjects").iterdir() if (d / "subject.json").is_file())
+    subjects = subject_dirs(a)
+    names = [d.name for d in subjects]
     out = Path(a.out).resolve()
     rows: list[dict] = []
-    for name in names:
-        subject = ROOT / "examples" / "subjects" / name
-        if not (subject / "subject.json").is_file():
-            raise SystemExit(f"no subject {name!r} under examples/subjects")
+    for subject in subjects:
+        name = subject.name
         runs = {v: train(subject, v, *table[v], out / "runs" / name / v, a.seed, a.threads, a.model)
                 for v in chosen}
         m = evaluate(runs, out / "eval" / name, settings, a.evaluator)

@@ -1,7 +1,8 @@
-"""TuneQDM's two open choices on the embedded model (issue 5). Prints one JSON object.
+"""TuneQDM's open choices on the embedded model (issue 5). Prints one JSON object.
 
     python benchmarks/tuneqdm_study.py --study interval              # S1's timestep interval (default study)
     python benchmarks/tuneqdm_study.py --study experts               # TuneQDM's number of timestep experts N
+    python benchmarks/tuneqdm_study.py --study mcsu                  # input scales at their own rate (beyond the paper)
     python benchmarks/tuneqdm_study.py --subjects teal_bag,olive_coat   # a subset; rerun to resume
 
 interval: S1 trains one PEQA scale set that is used only for t in [t_low, t_high) (frozen quantizer scales
@@ -29,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from personalization import METRICS, ROOT, evaluate, mean, train  # noqa: E402  (the same harness)
+from personalization import METRICS, add_harness_args, eval_settings, evaluate, mean, subject_dirs, train  # noqa: E402
 
 INTERVALS = {"s1-high": (500, 1000), "s1-low": (0, 500), "s1-middle": (250, 750), "s1-puts": (500, 900)}
 EXPERTS = {"tuneqdm-n1": 1, "tuneqdm-n2": 2, "tuneqdm-n4": 4}
@@ -47,34 +48,21 @@ STUDIES = {   # variant -> (method, its settings section); the shipped choice of
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", choices=sorted(STUDIES), default="interval")
-    ap.add_argument("--subjects", default="", help="comma-separated names under examples/subjects (default all)")
     ap.add_argument("--steps", type=int, default=0, help="steps of every run (default: each method's embedded default)")
-    ap.add_argument("--images-per-prompt", dest="images_per_prompt", type=int, default=4)
-    ap.add_argument("--prompts", default=None, help="prompt kinds: context,property,composition (default all)")
-    ap.add_argument("--eval-steps", dest="eval_steps", type=int, default=0,
-                    help="DDIM steps of the evaluation images (default: the model's, 25 on the embedded model)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", default="tiny", help="tiny (the embedded model, default) or a diffusers folder")
-    ap.add_argument("--evaluator", default=None, help="world evaluator folder (default: the packaged one)")
-    ap.add_argument("--out", default=None, help="default out/bench_tuneqdm_<study>")
+    add_harness_args(ap, None, "default out/bench_tuneqdm_<study>")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
-    from quantdream.eval.protocol import EvalSettings, parse_kinds
     from quantdream.methods.peqa import SCALES_FILE
     from quantdream.train import EMBEDDED_DEFAULTS
-    settings = EvalSettings(images_per_prompt=a.images_per_prompt, kinds=parse_kinds(a.prompts), seed=a.seed,
-                            steps=a.eval_steps, baseline=True)
+    settings = eval_settings(a)
     table, shipped = STUDIES[a.study]
-    names = [s for s in a.subjects.split(",") if s] or sorted(
-        d.name for d in (ROOT / "examples" / "subjects").iterdir() if (d / "subject.json").is_file())
+    subjects = subject_dirs(a)
+    names = [d.name for d in subjects]
     out = Path(a.out or f"out/bench_tuneqdm_{a.study}").resolve()
     rows, sizes = [], {}
-    for name in names:
-        subject = ROOT / "examples" / "subjects" / name
-        if not (subject / "subject.json").is_file():
-            raise SystemExit(f"no subject {name!r} under examples/subjects")
+    for subject in subjects:
+        name = subject.name
         runs = {v: train(subject, v, method, section, a.steps or EMBEDDED_DEFAULTS[method]["steps"],
                          out / "runs" / name / v, a.seed, a.threads, a.model)
                 for v, (method, section) in table.items()}
