@@ -94,22 +94,14 @@ def read_run(run_dir: str | Path) -> RunInfo:
 
 
 # ----------------------------------------------------------------------------- adapters
-def quantize_as_trained(pipe, weights: str) -> None:
-    """The frozen model as train.py trains on it: UNet at ``weights``, VAE and text encoder int8 when
-    the UNet is quantized (ZOODiP's setting)."""
-    if weights == "none":
-        return
-    from ..quant import quantize_model
-    quantize_model(pipe.unet, weights)
-    quantize_model(pipe.vae, "int8")
-    quantize_model(pipe.text_encoder, "int8")
-
-
 def load_base(run: RunInfo, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """The pipeline the run was trained on (its model, quantized as in training)."""
+    """The pipeline the run was trained on (its model, quantized as in training): the token methods' frozen
+    model, i.e. the base ``Method.prepare_model`` (UNet at ``run.weights``, VAE and text encoder int8 when
+    the UNet is quantized: ZOODiP's setting). Weight methods bring their own (``Adapter.load_base``)."""
+    from ..methods.base import Method
     from ..models.load import load_pipeline
     pipe = load_pipeline(run.model, device=device, dtype=dtype)
-    quantize_as_trained(pipe, run.weights)
+    Method.prepare_model(pipe.text_encoder, pipe.vae, pipe.unet, run.weights, None)
     return pipe
 
 
