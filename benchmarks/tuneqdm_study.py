@@ -69,8 +69,7 @@ def main(argv=None) -> int:
         m = evaluate(runs, out / "eval" / name, settings, a.evaluator)
         by_dir = {str(p): v for v, p in runs.items()}
         rows += [{"variant": "floor" if r["run_dir"] is None else by_dir[r["run_dir"]], "subject": name,
-                  **{k: r["metrics"].get(k) for k in METRICS}}
-                 for r in m["rows"] if r["run_dir"] is None or r["run_dir"] in by_dir]  # not another study's runs
+                  **{k: r["metrics"].get(k) for k in METRICS}} for r in m["rows"]]   # evaluate keeps only these runs
         for v, p in runs.items():   # the embedded model's scale file (the SD-1.5 sizes come from bench memory)
             sizes.setdefault(v, []).append((p / SCALES_FILE).stat().st_size)
     variants = {v: {k: mean([r[k] for r in rows if r["variant"] == v]) for k in METRICS}
