@@ -11,8 +11,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from quantdream.cli.main import main
-from quantdream.memory import chunk_feed_forward, drop_vae_parts
+from quantdream.memory import chunk_feed_forward, drop_vae_parts, low_memory_unet
 from quantdream.models.embedded import LATENT_CHANNELS
+from quantdream.models.lean_up import resnet_on_parts as on_parts
+from quantdream.quant import quantize_model
 from quantdream.quant.io import load_quantized
 
 
@@ -174,6 +176,38 @@ def test_chunked_feed_forward_gives_the_same_output_for_any_length(frozen_tiny):
         after = unet(x, 500, cond).sample
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
     assert all("forward" not in k for k in unet.state_dict())    # parameter names unchanged
+
+
+@pytest.mark.parametrize("weights", ["none", "int8", "int4"])
+def test_up_blocks_without_the_skip_concatenation_give_the_same_output(frozen_tiny, weights, monkeypatch):
+    """memory.low_memory_unet: concatenation-free up blocks (models/lean_up.py) that free each skip once read,
+    chunked feed-forwards and weight rebuilds; the same UNet output up to float rounding."""
+    from quantdream.models import lean_up
+    unet = copy.deepcopy(frozen_tiny["unet"])
+    if weights != "none":
+        quantize_model(unet, weights, group_size=32)
+    resnets = [r for b in unet.up_blocks for r in b.resnets]
+    assert all(lean_up.covered(r) for r in resnets)             # every up resnet of this UNet takes the new path
+    monkeypatch.setattr(lean_up, "BLOCK_ELEMENTS", 2 * 16 * 16 * 5)   # blocks of 5 channels: not group-aligned
+    x = torch.randn(2, LATENT_CHANNELS, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = torch.randn(2, 32, 768, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([100, 800])
+    with torch.no_grad():
+        before = unet(x, t, cond).sample
+        low_memory_unet(unet)                                    # the whole low-memory UNet, as ZOODiP runs it
+        assert all("forward" in vars(b) for b in unet.up_blocks)
+        calls, skips = [], []
+        monkeypatch.setattr(lean_up, "resnet_on_parts", lambda *a: calls.append(1) or on_parts(*a))
+        hook = unet.down_blocks[0].register_forward_hook(lambda m, a, out: skips.extend(out[1]))
+        after = unet(x, t, cond).sample
+        hook.remove()
+    assert len(calls) == len(resnets)
+    assert skips and all(s.untyped_storage().nbytes() == 0 for s in skips)   # each skip freed once read
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=2e-5)
+    assert all("forward" not in k for k in unet.state_dict())
+    x.requires_grad_(True)                                       # autograd keeps diffusers' own forward
+    unet(x, t, cond).sample.sum().backward()
+    assert len(calls) == len(resnets) and x.grad is not None
 
 
 def test_dropped_autoencoder_parts_say_why(frozen_tiny):

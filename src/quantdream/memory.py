@@ -143,7 +143,7 @@ def chunk_feed_forward(unet, tokens: int = 1024) -> int:
 
 
 LOW_MEMORY_MMAP_MIB = 0.125   # glibc serves allocations >= 128 KiB with their own mmap in low-memory mode
-LOW_MEMORY_FF_TOKENS = 1024   # feed-forward positions at a time
+LOW_MEMORY_FF_TOKENS = 256    # feed-forward positions at a time
 LOW_MEMORY_CHUNK_ELEMENTS = 1 << 20   # quantized weights rebuilt at once
 
 
@@ -174,10 +174,14 @@ def skip_unused_integrations(needed: tuple[str, ...] = ()) -> list[str]:
 
 
 def low_memory_unet(unet) -> None:
-    """The UNet part of the low-memory mode: feed-forwards run 1024 positions at a time and quantized
-    layers rebuild 1M weights at a time (4 MiB in fp32, not 32): the same outputs, a lower transient."""
+    """The UNet part of the low-memory mode: feed-forwards run 256 positions at a time, quantized
+    layers rebuild 1M weights at a time (4 MiB in fp32, not 32) and no-grad up blocks never build the
+    skip concatenation (:mod:`quantdream.models.lean_up`): the same outputs up to float rounding, a lower
+    transient."""
+    from .models.lean_up import lean_up_blocks
     from .quant.modules import QuantizedLayer
     chunk_feed_forward(unet, LOW_MEMORY_FF_TOKENS)
+    lean_up_blocks(unet)
     for m in unet.modules():
         if isinstance(m, QuantizedLayer):
             m.chunk_elements = LOW_MEMORY_CHUNK_ELEMENTS

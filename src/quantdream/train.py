@@ -498,6 +498,8 @@ def personalize(cfg: RunConfig, progress: bool = False,
     scaling = float(vae.config.scaling_factor)
     if quantized_folder:  # the photos are encoded before the UNet is loaded: their activations never meet it
         data.encode(vae, scaling, device=device, dtype=dtype)
+        if cfg.low_memory:   # nor the autoencoder (no method that takes a quantized folder uses it in setup)
+            memory_mod.drop_vae_parts(vae, decoder=not cfg.sample_images)
         unet = comps["load_unet"]()
     unet.requires_grad_(False).eval()
     calib = None

@@ -457,6 +457,8 @@ def measure_in_process(spec: BenchSpec) -> dict:
             for m in ("text_encoder", "vae"):
                 comps[m].requires_grad_(False).eval()
             encode(comps)
+            if spec.low_memory:   # as train.py: the autoencoder is freed before the UNet loads
+                memory.drop_vae_parts(comps["vae"], decoder=True)
             comps["unet"] = comps.pop("load_unet")().requires_grad_(False).eval()
             (bm.prepare or _default_prepare)(comps["text_encoder"], comps["vae"], comps["unet"], weights)
         else:

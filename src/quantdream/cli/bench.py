@@ -42,8 +42,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--low-memory", dest="low_memory", action="store_true",
       help="run each method as personalize --low-memory --set sample_images=0 does: freed blocks >= 128 KiB "
            "return to the OS at once, peft and bitsandbytes not imported unless the method uses them, one UNet "
-           "row per call, feed-forwards 1024 positions at a time, the autoencoder freed after encoding (lower "
-           "resident peak, slower steps); the default measures the methods as they come")
+           "row per call, feed-forwards 256 positions at a time, up blocks without the skip concatenation, the "
+           "autoencoder freed after encoding (lower resident peak, slower steps); the default measures the "
+           "methods as they come")
     a("--timeout", type=float, default=0, help="seconds per method before giving up (default: none)")
     a("--out", required=True, help="folder for memory.json and memory.md")
     p.set_defaults(_parser=p)

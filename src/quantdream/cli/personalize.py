@@ -62,9 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--low-memory", dest="low_memory", action="store_true", default=None,
       help="lower the resident peak at some speed: freed memory returns to the OS at once, peft and "
            "bitsandbytes are not imported unless the method uses them, the UNet runs one row at a time, "
-           "feed-forwards in chunks, the autoencoder's encoder is freed once the photos are encoded (and its "
-           "decoder too with --set sample_images=0); a quantized folder's token table is read from the file "
-           "on demand in any mode")
+           "feed-forwards in chunks, up blocks without building the skip concatenation, the autoencoder's "
+           "encoder is freed once the photos are encoded (and its decoder too with --set sample_images=0); a "
+           "quantized folder's token table is read from the file on demand in any mode")
     a("--export-a1111", dest="export_a1111", action="store_true", default=None,
       help="also write learned_embeds.pt for AUTOMATIC1111")
     a("--resume", action="store_true", default=None, help="continue the interrupted run in --out")

@@ -174,12 +174,21 @@ class QuantizedLayer(nn.Module):
         raise NotImplementedError  # pragma: no cover
 
     def _forward_chunks(self, x, s_out, s_in, b) -> torch.Tensor:
-        outs = []
-        for rows in self._row_chunks():
+        out = None
+        chunks = self._row_chunks()
+        for rows in chunks:
             w = self._weight(rows, s_out, s_in, x.dtype)
-            outs.append(self._op(x, w, None if b is None else b[rows].to(x.dtype)))
+            y = self._op(x, w, None if b is None else b[rows].to(x.dtype))
             del w
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=self._channel_dim)
+            if len(chunks) == 1:
+                return y
+            if out is None:   # chunks go straight into the output: no list of parts plus their concatenation
+                shape = list(y.shape)
+                shape[self._channel_dim] = self.weight_shape[0]
+                out = y.new_empty(shape)
+            self._out_slice(out, rows).copy_(y)
+            del y
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
