@@ -3,6 +3,7 @@
     python benchmarks/comparison.py                                   # all subjects, all methods, sd15 memory
     python benchmarks/comparison.py --subjects teal_bag,olive_coat --methods zoodip,ti,gf-ti
     python benchmarks/comparison.py ... --resume                      # after an interruption
+    python benchmarks/comparison.py --refresh-memory --memory-low-memory --out DIR   # new memory rows, same report
     python benchmarks/comparison.py --subjects teal_bag --methods zoodip,ti --steps 2 --memory-arch tiny \\
         --model /path/to/tiny-sd --images-per-prompt 1 --eval-steps 2     # a smoke run
 
@@ -70,6 +71,9 @@ def parse_args(argv=None):
     a("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
     a("--out", default=str(ROOT / "runs" / "comparison"), help="output folder (default runs/comparison)")
     a("--resume", action="store_true", help="continue an interrupted benchmark in --out")
+    a("--refresh-memory", dest="refresh_memory", action="store_true",
+      help="measure the memory rows again and rewrite --out's mean report (report.json, report.md, figure1.png) "
+           "with them; its quality columns and bars come from the report as it is (no training, no evaluation)")
     return ap.parse_args(argv)
 
 
@@ -205,7 +209,8 @@ COLUMNS = ["subjects", "status", "note", "weights", "gradient_free", "steps", "u
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from quantdream.checkpoint import atomic_json, atomic_write
+    if a.refresh_memory:
+        return refresh_memory(a)
     from quantdream.cli.compare import parse_methods
     from quantdream.cli.main import main as cli
     from quantdream.eval import report as rep
@@ -241,32 +246,71 @@ def main(argv=None) -> int:
     if memory:
         rows = rep.add_memory(rows, memory)
     means = {r["method"]: {k: r.get(k) for k in COLUMNS} for r in rows}
+    fid = rep.fidelity_key(rows)
+    bars = {**memory_bars(rows), "gfti_below_zoodip": gfti_below_zoodip(means, tables, fid),
+            "tuneqdm_s2_vs_peqa": tuneqdm_s2_vs_peqa(means, tables, fid)}
+    settings = {"model": a.model, "methods": methods, "subjects": list(tables), "seed": a.seed,
+                "images_per_prompt": a.images_per_prompt}
+    write_report(a, out, rows, memory, bars, settings, eval_notes,
+                 [f"per-subject reports: {', '.join(reports.values())}"])
+    print(json.dumps(result_json(a, out, rows, memory, bars, list(tables), failed_subjects, reports),
+                     indent=1, default=str))
+    return 0
+
+
+def memory_bars(rows: list[dict]) -> dict:
     mem = {r["method"]: r.get("memory_mib") for r in rows}
     whole = {r["method"]: r.get("memory_whole_process_mib") for r in rows}
-    fid = rep.fidelity_key(rows)
-    bars = {
-        "memory_ordering": memory_ordering(mem),
-        "zoodip_vs_dreambooth": zoodip_vs_dreambooth(mem, whole),
-        "storage": {r["method"]: {"run_bytes_mean": r.get("storage_bytes"),
-                                  "bench_bytes": r.get("memory_storage_bytes")} for r in rows},
-        "gfti_below_zoodip": gfti_below_zoodip(means, tables, fid),
-        "tuneqdm_s2_vs_peqa": tuneqdm_s2_vs_peqa(means, tables, fid),
-    }
-    # the mean report beside the per-subject ones
+    return {"memory_ordering": memory_ordering(mem), "zoodip_vs_dreambooth": zoodip_vs_dreambooth(mem, whole),
+            "storage": {r["method"]: {"run_bytes_mean": r.get("storage_bytes"),
+                                      "bench_bytes": r.get("memory_storage_bytes")} for r in rows}}
+
+
+def write_report(a, out: Path, rows, memory, bars, settings, eval_notes, notes) -> None:
+    """The mean report beside the per-subject ones: report.json (with the bars), report.md, figure1.png."""
+    from quantdream.checkpoint import atomic_json, atomic_write
+    from quantdream.eval import report as rep
+    n = len(settings["subjects"])
     out.mkdir(parents=True, exist_ok=True)
-    fig = rep.figure1(rows, out / "figure1.png", title=f"mean over {len(tables)} subjects: training memory vs "
+    fig = rep.figure1(rows, out / "figure1.png", title=f"mean over {n} subjects: training memory vs "
                                                          f"subject fidelity (ZOODiP Fig. 1)")
-    settings = {"model": a.model, "methods": methods, "subjects": list(tables), "seed": a.seed,
-                "images_per_prompt": a.images_per_prompt, "memory_arch": a.memory_arch, "memory_steps": a.memory_steps,
+    settings = {**settings, "memory_arch": a.memory_arch, "memory_steps": a.memory_steps,
                 "memory_low_memory": a.memory_low_memory}
-    summary = rep.build_report(rows, subject={"name": f"mean over {len(tables)} subjects", "class_word": "various"},
+    summary = rep.build_report(rows, subject={"name": f"mean over {n} subjects", "class_word": "various"},
                                settings=settings, memory=memory, figure=fig, evaluation={"notes": eval_notes},
-                               notes=[f"per-subject reports: {', '.join(reports.values())}"])
+                               notes=notes)
     atomic_json(out / "report.json", {**summary, "bars": bars})
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(rep.report_markdown(summary)))
-    result = {
-        "benchmark": "comparison", "model": a.model, "subjects": list(tables), "failed_subjects": failed_subjects,
-        "methods": methods, "fidelity_metric": fid,
+
+
+def refresh_memory(a) -> int:
+    """--refresh-memory: new memory rows into --out's existing mean report; everything else is kept."""
+    from quantdream.eval import report as rep
+    out = Path(a.out)
+    path = out / "report.json"
+    if not path.is_file():
+        print(json.dumps({"error": f"--refresh-memory: no report.json in {out} (run the comparison first)"}))
+        return 2
+    old = json.loads(path.read_text())
+    rows = [{k: v for k, v in r.items() if not k.startswith("memory_")} for r in old["rows"]]
+    memory = measure_memory(a, [r["method"] for r in rows], out)
+    if memory:
+        rows = rep.add_memory(rows, memory)
+    bars = {**old.get("bars", {}), **memory_bars(rows)}
+    keep = {k: v for k, v in old["settings"].items() if not k.startswith("memory_")}
+    automatic = ("train memory:", "in-run peak:")        # build_report writes these again
+    write_report(a, out, rows, memory, bars, keep, [],
+                 [n for n in old.get("notes", []) if not n.startswith(automatic)])
+    print(json.dumps(result_json(a, out, rows, memory, bars, keep["subjects"], {}, {}), indent=1, default=str))
+    return 0
+
+
+def result_json(a, out: Path, rows, memory, bars, subjects, failed_subjects, reports) -> dict:
+    from quantdream.eval import report as rep
+    means = {r["method"]: {k: r.get(k) for k in COLUMNS} for r in rows}
+    return {
+        "benchmark": "comparison", "model": a.model, "subjects": subjects, "failed_subjects": failed_subjects,
+        "methods": [r["method"] for r in rows], "fidelity_metric": rep.fidelity_key(rows),
         "steps": {m: means[m]["steps"] for m in means},
         "means": means,
         "memory": None if memory is None else {
@@ -281,8 +325,6 @@ def main(argv=None) -> int:
         "bars": bars,
         "report": str(out / "report.md"), "subject_reports": reports,
     }
-    print(json.dumps(result, indent=1, default=str))
-    return 0
 
 
 if __name__ == "__main__":

@@ -113,6 +113,23 @@ def test_comparison_benchmark_end_to_end(tiny_model, random_evaluator, tmp_path,
     report = (out / "report.md").read_text()
     assert "| zoodip | 1 | int8 | yes |" in report and (out / "figure1.png").is_file()
     assert "no evaluation" not in report and "meaningful on the embedded model only" in report
+    # --refresh-memory: new memory rows in the same report, the quality columns and bars untouched
+    before = json.loads((out / "report.json").read_text())
+    assert cmp.main(["--refresh-memory", "--memory-arch", "tiny", "--memory-steps", "1", "--threads", "1",
+                     "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    after = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in after["rows"]] == ["zoodip", "ti"]
+    for b, r in zip(before["rows"], after["rows"]):
+        assert r["world_clip_i"] == b["world_clip_i"] and r["steps"] == b["steps"]
+        assert b.get("memory_mib") is None and r["memory_mib"] > 0 and r["memory_arch"] == "tiny"
+    assert after["bars"]["tuneqdm_s2_vs_peqa"] == before["bars"]["tuneqdm_s2_vs_peqa"]
+    assert res["bars"]["zoodip_vs_dreambooth"] == after["bars"]["zoodip_vs_dreambooth"]
+    assert after["settings"]["memory_arch"] == "tiny" and after["settings"]["subjects"] == ["teal_bag"]
+    assert sum(n.startswith("train memory:") for n in after["notes"]) == 1
+    assert set(after["notes"]) >= set(before["notes"])
+    assert cmp.main(["--refresh-memory", "--out", str(tmp_path / "nowhere")]) == 2
+    assert "no report.json" in json.loads(capsys.readouterr().out)["error"]
 
 
 @pytest.mark.slow
