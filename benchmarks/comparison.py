@@ -298,9 +298,12 @@ def refresh_memory(a) -> int:
         rows = rep.add_memory(rows, memory)
     bars = {**old.get("bars", {}), **memory_bars(rows)}
     keep = {k: v for k, v in old["settings"].items() if not k.startswith("memory_")}
-    automatic = ("train memory:", "in-run peak:")        # build_report writes these again
+    automatic = ("train memory:", "in-run peak:", "memory columns measured again")   # written again below
+    revs = sorted({str(r.get("git")) for r in (memory or {}).get("rows", [])})
     write_report(a, out, rows, memory, bars, keep, [],
-                 [n for n in old.get("notes", []) if not n.startswith(automatic)])
+                 [n for n in old.get("notes", []) if not n.startswith(automatic)]
+                 + [f"memory columns measured again (--refresh-memory, commit {', '.join(revs)}); every other "
+                    f"column comes from the original runs"])
     print(json.dumps(result_json(a, out, rows, memory, bars, keep["subjects"], {}, {}), indent=1, default=str))
     return 0
 

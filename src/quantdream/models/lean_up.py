@@ -9,10 +9,10 @@ are, one block of input channels at a time:
     conv1(silu(gn(x)))      = sum_b conv1[:, b](silu(gn(x)[b]))       over input-channel blocks b
     shortcut(x)             = sum_b shortcut[:, b](x[b])              (1x1 conv, linear in its input)
 
-so nothing wider than one block (<= 1M elements) is built, and each skip is freed once read. Hand-written because diffusers' blocks take one
-tensor and no library splits a conv over its input channels. Same outputs up to float rounding
-(tests/test_memory.py). Blocks or layers it does not cover (FreeU, upsampling resnets, LoRA-wrapped or
-activation-quantized convs, autograd) run diffusers' own forward.
+so nothing wider than one block (<= 1M elements) is built, and each skip is freed once read. Hand-written
+because diffusers' blocks take one tensor and no library splits a conv over its input channels. Same outputs
+up to float rounding (tests/test_quantized_folder.py). Blocks or layers it does not cover (FreeU, upsampling
+resnets, LoRA-wrapped or activation-quantized convs, autograd) run diffusers' own forward.
 """
 from __future__ import annotations
 
