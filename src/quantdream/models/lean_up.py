@@ -44,20 +44,15 @@ def covered(resnet) -> bool:
 
 def _conv_add_(out: torch.Tensor, conv, x: torch.Tensor, lo: int, hi: int) -> None:
     """``out += conv`` restricted to input channels ``[lo, hi)`` applied to ``x`` (no bias)."""
-    if isinstance(conv, QConv2d):   # rebuild the int weight a few output rows at a time, as its forward does
-        s_out, s_in = conv.current_scales()
-        for rows in conv._row_chunks():
-            w = conv._weight(rows, s_out, s_in, x.dtype)[:, lo:hi]
-            out[:, rows] += conv._op(x, w, None)
-            del w
+    if isinstance(conv, QConv2d):
+        conv.add_input_slice_(out, x, lo, hi)
     else:
         out += F.conv2d(x, conv.weight[:, lo:hi].to(x.dtype), None, conv.stride, conv.padding, conv.dilation)
 
 
-def _add_bias_(out: torch.Tensor, conv) -> torch.Tensor:
+def _add_bias_(out: torch.Tensor, conv) -> None:
     if conv.bias is not None:
         out += conv.bias.to(out.dtype).view(1, -1, 1, 1)
-    return out
 
 
 def _blocks(parts):
@@ -73,8 +68,7 @@ def _blocks(parts):
 
 def _group_norm_affine(norm: nn.GroupNorm, parts) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(sample, channel) ``a, b`` with ``GroupNorm(cat(parts)) = cat(parts) * a + b``."""
-    var, mean = zip(*(torch.var_mean(p.float(), dim=(2, 3), unbiased=False) if p.dtype != torch.float32
-                      else torch.var_mean(p, dim=(2, 3), unbiased=False) for p in parts))
+    var, mean = zip(*(torch.var_mean(p.float(), dim=(2, 3), unbiased=False) for p in parts))   # fp32 stats
     var, mean = torch.cat(var, 1), torch.cat(mean, 1)                       # (B, C)
     b, c = mean.shape
     g = norm.num_groups

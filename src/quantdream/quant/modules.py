@@ -357,6 +357,14 @@ class QConv2d(QuantizedLayer):
     def _out_slice(self, y, rows):
         return y[:, rows]
 
+    def add_input_slice_(self, out: torch.Tensor, x: torch.Tensor, lo: int, hi: int) -> None:
+        """``out += conv(x)`` with the weight's input channels ``[lo, hi)`` only (``x`` holds those channels;
+        no bias, no autograd): one term of a convolution split over its input channels (models/lean_up.py)."""
+        s_out, s_in = self.current_scales()
+        with torch.no_grad():
+            for rows in self._row_chunks():
+                out[:, rows] += self._op(x, self._weight(rows, s_out, s_in, x.dtype)[:, lo:hi], None)
+
     def _grad_input(self, gy, w, x_shape):
         return torch.nn.grad.conv2d_input(x_shape, w, gy, self.stride, self._conv_padding(), self.dilation,
                                           self.groups)
