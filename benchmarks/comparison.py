@@ -291,20 +291,25 @@ def refresh_memory(a) -> int:
     if not path.is_file():
         print(json.dumps({"error": f"--refresh-memory: no report.json in {out} (run the comparison first)"}))
         return 2
-    old = json.loads(path.read_text())
-    rows = [{k: v for k, v in r.items() if not k.startswith("memory_")} for r in old["rows"]]
-    memory = measure_memory(a, [r["method"] for r in rows], out)
+    try:
+        old = json.loads(path.read_text())
+        rows = [{k: v for k, v in r.items() if not k.startswith("memory_")} for r in old["rows"]]
+        keep = {k: v for k, v in old["settings"].items() if not k.startswith("memory_")}
+        subjects, methods = keep["subjects"], [r["method"] for r in rows]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        print(json.dumps({"error": f"--refresh-memory: {path} is not a comparison report ({type(e).__name__}: {e})"}))
+        return 2
+    memory = measure_memory(a, methods, out)
     if memory:
         rows = rep.add_memory(rows, memory)
     bars = {**old.get("bars", {}), **memory_bars(rows)}
-    keep = {k: v for k, v in old["settings"].items() if not k.startswith("memory_")}
     automatic = ("train memory:", "in-run peak:", "memory columns measured again")   # written again below
     revs = sorted({str(r.get("git")) for r in (memory or {}).get("rows", [])})
     write_report(a, out, rows, memory, bars, keep, [],
                  [n for n in old.get("notes", []) if not n.startswith(automatic)]
                  + [f"memory columns measured again (--refresh-memory, commit {', '.join(revs)}); every other "
                     f"column comes from the original runs"])
-    print(json.dumps(result_json(a, out, rows, memory, bars, keep["subjects"], {}, {}), indent=1, default=str))
+    print(json.dumps(result_json(a, out, rows, memory, bars, subjects, {}, {}), indent=1, default=str))
     return 0
 
 

@@ -130,6 +130,11 @@ def test_comparison_benchmark_end_to_end(tiny_model, random_evaluator, tmp_path,
     assert set(after["notes"]) >= set(before["notes"])
     assert cmp.main(["--refresh-memory", "--out", str(tmp_path / "nowhere")]) == 2
     assert "no report.json" in json.loads(capsys.readouterr().out)["error"]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "report.json").write_text("{not json")
+    assert cmp.main(["--refresh-memory", "--out", str(tmp_path / "bad")]) == 2
+    assert "is not a comparison report" in json.loads(capsys.readouterr().out)["error"]
+    assert (tmp_path / "bad" / "report.json").read_text() == "{not json"      # nothing overwritten
 
 
 @pytest.mark.slow
