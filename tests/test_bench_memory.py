@@ -185,8 +185,39 @@ def test_low_memory_bench_hides_the_integrations_before_diffusers_loads():
     code = ("import sys, json; from quantdream.bench.memory import BenchSpec, measure_in_process; "
             "row = measure_in_process(BenchSpec(arch='tiny', method='zoodip', steps=1, threads=1, low_memory=True)); "
             "print(json.dumps([row['status'], [m for m in ('peft', 'bitsandbytes', 'scipy') "
-            "if sys.modules.get(m) is not None]]))")
+            "if sys.modules.get(m) is not None], type(sys.modules['torch._dynamo']).__name__]))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    status, imported = json.loads(r.stdout.strip().splitlines()[-1])
+    status, imported, dynamo = json.loads(r.stdout.strip().splitlines()[-1])
     assert status == "ok" and imported == []
+    assert dynamo == "DeferredDynamo"          # a whole ZOODiP run never needed torch's compiler
+
+
+def test_torch_compiler_is_deferred_until_something_needs_it():
+    """Part 0 also stands in for torch._dynamo: diffusers and transformers import and a stock pipeline
+    loads and runs without it; the first use beyond the stand-in's decorators (here: an optimizer step)
+    imports the real module, which then stays."""
+    import subprocess
+    import sys
+    code = """if True:
+        import json, sys, torch
+        from quantdream.memory import skip_unused_integrations
+        skip_unused_integrations()
+        from quantdream.models.load import load_pipeline
+        pipe = load_pipeline("tiny")
+        u = pipe.unet
+        x = torch.randn(1, u.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+        ctx = torch.randn(1, 4, u.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            out = u(x, 500, encoder_hidden_states=ctx).sample
+        before = [type(sys.modules["torch._dynamo"]).__name__, "torch._dynamo.convert_frame" in sys.modules]
+        p = torch.nn.Parameter(torch.zeros(2)); opt = torch.optim.AdamW([p]); p.grad = torch.ones(2); opt.step()
+        after = [type(sys.modules["torch._dynamo"]).__name__, torch._dynamo is sys.modules["torch._dynamo"],
+                 torch._dynamo.is_compiling(), hasattr(torch._dynamo, "optimize")]
+        print(json.dumps([before, after, bool(torch.isfinite(out).all()), float(p[0])]))
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after, finite, p0 = json.loads(r.stdout.strip().splitlines()[-1])
+    assert before == ["DeferredDynamo", False] and finite
+    assert after == ["module", True, False, True] and p0 != 0.0

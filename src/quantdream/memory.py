@@ -162,7 +162,8 @@ def skip_unused_integrations(needed: tuple[str, ...] = ()) -> list[str]:
     installed, and peft (+71 MiB resident), bitsandbytes (+37 MiB) and scipy (+56 MiB, through
     transformers' loss modules) are imported even by runs that never use them. Those not in ``needed``
     are marked absent for this process (``sys.modules[name] = None``: ``importlib.util.find_spec`` then
-    reports them missing, as on a machine without them).
+    reports them missing, as on a machine without them). torch's compiler is deferred as well
+    (:func:`defer_torch_compiler`).
     Returns the names hidden; nothing once diffusers or transformers is already imported."""
     import sys
     if "diffusers" in sys.modules or "transformers" in sys.modules:
@@ -170,7 +171,16 @@ def skip_unused_integrations(needed: tuple[str, ...] = ()) -> list[str]:
     hidden = [n for n in OPTIONAL_INTEGRATIONS if n not in needed and n not in sys.modules]
     for n in hidden:
         sys.modules[n] = None
+    defer_torch_compiler()
     return hidden
+
+
+def defer_torch_compiler() -> bool:
+    """Part 0 as well: ``torch._dynamo`` (torch's compiler front end, +25 MiB resident) is imported only
+    once something needs it; diffusers and transformers import it just to decorate functions for
+    ``torch.compile`` (:mod:`quantdream.deferred_compiler`). True when deferred."""
+    from .deferred_compiler import install
+    return install()
 
 
 def low_memory_unet(unet) -> None:

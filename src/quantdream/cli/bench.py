@@ -41,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--low-memory", dest="low_memory", action="store_true",
       help="run each method as personalize --low-memory --set sample_images=0 does: freed blocks >= 128 KiB "
-           "return to the OS at once, peft and bitsandbytes not imported unless the method uses them, one UNet "
+           "return to the OS at once, peft and bitsandbytes not imported unless the method uses them, "
+           "torch._dynamo only if something needs it, one UNet "
            "row per call, feed-forwards 256 positions at a time, up blocks without the skip concatenation, the "
            "autoencoder freed after encoding (lower resident peak, slower steps); the default measures the "
            "methods as they come")

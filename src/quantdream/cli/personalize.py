@@ -61,7 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     a("--low-memory", dest="low_memory", action="store_true", default=None,
       help="lower the resident peak at some speed: freed memory returns to the OS at once, peft and "
-           "bitsandbytes are not imported unless the method uses them, the UNet runs one row at a time, "
+           "bitsandbytes are not imported unless the method uses them, torch's compiler (torch._dynamo) only if "
+           "something needs it, the UNet runs one row at a time, "
            "feed-forwards in chunks, up blocks without building the skip concatenation, the autoencoder's "
            "encoder is freed once the photos are encoded (and its decoder too with --set sample_images=0); a "
            "quantized folder's token table is read from the file on demand in any mode")
