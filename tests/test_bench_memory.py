@@ -210,14 +210,16 @@ def test_torch_compiler_is_deferred_until_something_needs_it():
         ctx = torch.randn(1, 4, u.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             out = u(x, 500, encoder_hidden_states=ctx).sample
-        before = [type(sys.modules["torch._dynamo"]).__name__, "torch._dynamo.convert_frame" in sys.modules]
+        stand_in = sys.modules["torch._dynamo"]
+        before = [type(stand_in).__name__, "torch._dynamo.convert_frame" in sys.modules]
         p = torch.nn.Parameter(torch.zeros(2)); opt = torch.optim.AdamW([p]); p.grad = torch.ones(2); opt.step()
         after = [type(sys.modules["torch._dynamo"]).__name__, torch._dynamo is sys.modules["torch._dynamo"],
-                 torch._dynamo.is_compiling(), hasattr(torch._dynamo, "optimize")]
+                 torch._dynamo.is_compiling(), hasattr(torch._dynamo, "optimize"),
+                 stand_in.eval_frame is torch._dynamo.eval_frame]     # a kept reference answers as the real one
         print(json.dumps([before, after, bool(torch.isfinite(out).all()), float(p[0])]))
     """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     before, after, finite, p0 = json.loads(r.stdout.strip().splitlines()[-1])
     assert before == ["DeferredDynamo", False] and finite
-    assert after == ["module", True, False, True] and p0 != 0.0
+    assert after == ["module", True, False, True, True] and p0 != 0.0

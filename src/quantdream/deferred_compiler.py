@@ -37,12 +37,15 @@ def _identity_decorator(fn=None, *args, **kwargs):
 
 
 class DeferredDynamo(types.ModuleType):
-    """Stands in for ``torch._dynamo`` until something needs more than the decorators below."""
+    """Stands in for ``torch._dynamo`` until something needs more than the decorators below; once the real
+    package is loaded, a reference kept to the stand-in answers with the real package's attributes."""
 
-    disable = staticmethod(_identity_decorator)            # torch.compiler.disable(fn, recursive, reason=)
-    allow_in_graph = staticmethod(_identity_decorator)
-    assume_constant_result = staticmethod(_identity_decorator)
-    eval_frame = types.SimpleNamespace(OptimizedModule=_NeverCompiled)
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.disable = _identity_decorator         # torch.compiler.disable(fn, recursive, reason=...)
+        self.allow_in_graph = _identity_decorator
+        self.assume_constant_result = _identity_decorator
+        self.eval_frame = types.SimpleNamespace(OptimizedModule=_NeverCompiled)
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -60,6 +63,7 @@ def load_real(why: str = "") -> types.ModuleType:
         if torch.__dict__.get("_dynamo") is stand_in:
             del torch._dynamo
         real = importlib.import_module(NAME)
+        stand_in.__dict__.update(real.__dict__)
         for sub in STANDALONE:     # loaded under the stand-in: reachable as attributes of the real package too
             if sub in sys.modules and not hasattr(real, sub.rpartition(".")[2]):
                 setattr(real, sub.rpartition(".")[2], sys.modules[sub])
