@@ -203,3 +203,48 @@ def test_early_stopping_benchmark_end_to_end(tiny_model, random_evaluator, tmp_p
     assert isinstance(res["means"]["world_clip_i"]["final"], float)
     assert bench.main(argv) == 0                          # a rerun reuses the run and its curve
     assert json.loads(capsys.readouterr().out)["per_subject"][0]["curve"] == row["curve"]
+
+
+def test_zoodip_study_variants_keep_zoodips_budget():
+    studies = load_script("zoodip_study").STUDIES
+    for name, (method, section, steps) in studies["sweep"].items():
+        passes = (steps or 1500) * (section.get("n", 2) + 1)
+        assert method == "ti" or passes == 4500, name                # ZOODiP's embedded budget: 1500 x 3
+    assert studies["sweep"]["zoodip"] == ("zoodip", {}, 0)          # the paper's method, embedded defaults
+    assert studies["sweep"]["zoodip-t800-1000"][1] == {"t_low": 800, "t_high": 1000}
+    assert studies["best"]["zoodip-t800-n8"] == ("zoodip", {"t_low": 800, "t_high": 1000, "n": 8}, 500)
+
+
+@pytest.mark.slow
+def test_zoodip_study_takes_reference_rows_and_resumes(tiny_model, random_evaluator, tmp_path, capsys):
+    bench = load_script("zoodip_study")
+    row = {"world_clip_i": 0.2, "effnet": 0.4, "world_clip_t": 0.3, "prompt_accuracy": 0.5, "unet_forward_passes": None}
+    ref = {"per_subject": [{**row, "variant": "ti", "subject": "teal_bag", "world_clip_i": 0.4},
+                           {**row, "variant": "zoodip", "subject": "teal_bag"},
+                           {**row, "variant": "floor (int8)", "subject": "teal_bag", "world_clip_i": 0.1},
+                           {**row, "variant": "ti", "subject": "olive_coat", "world_clip_i": 0.9},   # not studied
+                           {**row, "variant": "budget-paper", "subject": "teal_bag"}]}
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    argv = ["--study", "best", "--variants", "zoodip-t800", "--reference", str(tmp_path / "ref.json"),
+            "--subjects", "teal_bag", "--steps", "2", "--images-per-prompt", "1", "--prompts", "composition",
+            "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model), "--evaluator", str(random_evaluator),
+            "--out", str(tmp_path / "z")]
+    assert bench.main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    V = res["variants"]
+    assert list(V) == ["reference floor (int8)", "reference ti", "reference zoodip", "zoodip-t800"]
+    assert V["reference ti"]["world_clip_i"] == 0.4 and V["reference zoodip"]["world_clip_i_ratio_to_ti"] == 0.5
+    assert V["zoodip-t800"]["world_clip_i_ratio_to_ti"] == pytest.approx(V["zoodip-t800"]["world_clip_i"] / 0.4)
+    assert V["zoodip-t800"]["settings"] == {"t_low": 800, "t_high": 1000}
+    run = tmp_path / "z" / "runs" / "teal_bag" / "zoodip-t800"
+    cfg = tomllib.loads((run / "config.toml").read_text())
+    assert cfg["method"] == "zoodip" and [cfg["zoodip"]["t_low"], cfg["zoodip"]["t_high"]] == [800, 1000]
+    assert cfg["steps"] == 2
+    metrics = json.loads((tmp_path / "z" / "eval" / "teal_bag" / "metrics.json").read_text())
+    assert [r["run_dir"] for r in metrics["rows"]] == [str(run)]          # no floor: the reference has it
+    stamp = (run / "run.json").stat().st_mtime
+    assert bench.main(argv) == 0                                            # a rerun reuses run and evaluation
+    assert json.loads(capsys.readouterr().out)["variants"] == V
+    assert (run / "run.json").stat().st_mtime == stamp
+    with pytest.raises(SystemExit, match="unknown variants"):
+        bench.main([*argv[:2], "--variants", "nope"])

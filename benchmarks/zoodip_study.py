@@ -1,0 +1,99 @@
+"""ZOODiP's hyperparameters on the embedded model: the paper's method, other settings (issue 4). Prints one JSON object.
+
+    python benchmarks/zoodip_study.py --study sweep --subjects teal_bag,olive_coat,mustard_boot,coral_top \\
+        --images-per-prompt 2                                   # PUTS interval, then SG's tau, n, ZO-Adam eps
+    python benchmarks/zoodip_study.py --study best \\
+        --reference benchmarks/results/2026-11-24/personalization-10subjects.json   # the sweep's best, 10 subjects
+
+sweep: textual inversion (the reference) and ZOODiP with the paper's PUTS interval [500, 900) beside
+[500, 1000), [600, 1000), [700, 1000), [800, 1000) (the TuneQDM S1 study found the subject learned at the
+highest-noise timesteps on this model); then, at [800, 1000), SG's buffer tau = 256 and 512 (tau > 128 lets SG
+remove more of the 768 directions), n = 8 directions a step at ZOODiP's forward-pass budget (500 steps), and
+ZO-Adam eps = 1e-4. Everything else is ZOODiP's embedded default (1500 steps, lr 1e-2), seed 0.
+
+best: the sweep's two best settings on every subject. With --reference (a personalization.py JSON made with the
+same seed and protocol) the floor, ti and zoodip rows are taken from that file instead of being trained again
+(the evaluation's seeds make every row independent of the others); ``--variants zoodip`` on a few subjects
+checks that the reference's zoodip rows are reproduced.
+
+Runs and evaluations are kept under --out, so an interrupted study continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from personalization import METRICS, add_harness_args, eval_settings, evaluate, mean, subject_dirs, train  # noqa: E402
+
+T800 = {"t_low": 800, "t_high": 1000}
+PUTS = {f"zoodip-t{lo}-{hi}": {"t_low": lo, "t_high": hi} for lo, hi in ((500, 1000), (600, 1000), (700, 1000),
+                                                                         (800, 1000))}
+STUDIES = {   # variant -> (method, settings section, steps; 0 = the method's embedded default)
+    "sweep": {"ti": ("ti", {}, 0), "zoodip": ("zoodip", {}, 0)}
+    | {v: ("zoodip", s, 0) for v, s in PUTS.items()}
+    | {"t800-tau256": ("zoodip", {**T800, "tau": 256}, 0), "t800-tau512": ("zoodip", {**T800, "tau": 512}, 0),
+       "t800-n8": ("zoodip", {**T800, "n": 8}, 500),                 # 500 x (8 + 1) = ZOODiP's 4,500 passes
+       "t800-eps1e-4": ("zoodip", {**T800, "adam_eps": 1e-4}, 0)},
+    "best": {"zoodip": ("zoodip", {}, 0), "zoodip-t800": ("zoodip", T800, 0),
+             "zoodip-t800-n8": ("zoodip", {**T800, "n": 8}, 500)},
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", choices=sorted(STUDIES), default="sweep")
+    ap.add_argument("--variants", default="", help="comma-separated subset of the study's variants")
+    ap.add_argument("--reference", default=None,
+                    help="personalization.py JSON whose floor / ti / zoodip rows stand in for training them again")
+    ap.add_argument("--steps", type=int, default=0, help="steps of every run (default: each variant's)")
+    add_harness_args(ap, None, "default out/bench_zoodip_<study>")
+    a = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(a.threads)
+    from quantdream.train import EMBEDDED_DEFAULTS
+    table = STUDIES[a.study]
+    ref = json.loads(Path(a.reference).read_text()) if a.reference else None
+    chosen = [v for v in a.variants.split(",") if v] or [v for v in table if not (ref and v in ("ti", "zoodip"))]
+    unknown = [v for v in chosen if v not in table]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(table)}")
+    settings = dataclasses.replace(eval_settings(a), baseline=ref is None)   # the reference has the floor
+    subjects = subject_dirs(a)
+    out = Path(a.out or f"out/bench_zoodip_{a.study}").resolve()
+    rows = []
+    for subject in subjects:
+        name = subject.name
+        runs = {v: train(subject, v, table[v][0], table[v][1],
+                         a.steps or table[v][2] or EMBEDDED_DEFAULTS[table[v][0]]["steps"],
+                         out / "runs" / name / v, a.seed, a.threads, a.model) for v in chosen}
+        m = evaluate(runs, out / "eval" / name, settings, a.evaluator)
+        by_dir = {str(p): v for v, p in runs.items()}
+        for r in m["rows"]:
+            info = json.loads((Path(r["run_dir"]) / "run.json").read_text()) if r["run_dir"] else {}
+            rows.append({"variant": by_dir.get(r["run_dir"], f"floor ({r['weights']})"), "subject": name,
+                         **{k: r["metrics"].get(k) for k in METRICS},
+                         "unet_forward_passes": info.get("unet_forward_passes")})
+        if ref:
+            rows += [{**r, "variant": f"reference {r['variant']}"} for r in ref["per_subject"]
+                     if r["subject"] == name and (r["variant"] in ("ti", "zoodip") or r["variant"].startswith("floor"))]
+    names = sorted({r["variant"] for r in rows} - set(chosen)) + chosen      # floor, reference rows, then the study's
+    variants = {v: {k: mean([r[k] for r in rows if r["variant"] == v]) for k in METRICS + ("unet_forward_passes",)}
+                for v in names}
+    ti = variants.get("ti") or variants.get("reference ti")
+    for v, row in variants.items():
+        if v in table:
+            row.update(method=table[v][0], settings=table[v][1])
+        if ti and ti["world_clip_i"] and row["world_clip_i"] is not None:
+            row["world_clip_i_ratio_to_ti"] = row["world_clip_i"] / ti["world_clip_i"]
+    print(json.dumps({"study": a.study, "subjects": [d.name for d in subjects], "seed": a.seed,
+                      "images_per_prompt": a.images_per_prompt, "reference": a.reference,
+                      "variants": variants, "per_subject": rows}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
