@@ -11,7 +11,7 @@ and evaluations are kept under --out, so an interrupted benchmark continues wher
 
 Variants:
     ti                      textual inversion, fp32 model, backpropagation (the gradient reference)
-    zoodip                  the paper's ZOODiP on int8 weights (SG + PUTS)
+    zoodip                  the paper's ZOODiP on int8 weights (SG + PUTS; embedded model: PUTS [800, 1000))
     zoodip-no-sg, zoodip-no-puts, zoodip-no-sg-no-puts           the paper's ablation (Table 3 / Fig. 6)
     budget-*                candidates for the improved variant, each given at most 1/3 of zoodip's UNet
                             forward passes (--budget-fraction): bigger step + cosine decay, directions
@@ -42,7 +42,7 @@ def variants(zoodip_steps: int, zoodip_lr: float, fraction: float, ti_steps: int
     """name -> (method, method settings, steps). zoodip uses 3 UNet passes a step (n = 2, forward)."""
     passes = 3 * zoodip_steps * fraction           # the budget of every budget-* variant
     fast = {"lr": 3 * zoodip_lr, "schedule": "cosine"}
-    vocab = {"vocab_directions": 16}
+    vocab = {"vocab_directions": 16, "t_low": 500, "t_high": 900}   # = zoodip-fast (the paper's PUTS interval)
     return {
         "ti": ("ti", {}, ti_steps),
         "zoodip": ("zoodip", {}, zoodip_steps),

@@ -25,8 +25,21 @@ def test_budget_variants_stay_within_the_budget():
     for name, passes in per_step.items():
         method, section, steps = table[name]
         assert method == "zoodip" and 0 < steps * passes <= 1500, name
-    assert table["zoodip-vocab16"] == ("zoodip", {"vocab_directions": 16}, 1500)
+    assert table["zoodip-vocab16"] == ("zoodip", {"vocab_directions": 16, "t_low": 500, "t_high": 900}, 1500)
     assert table["budget-cosine-n8"][1]["n"] == 8 and table["budget-cosine-antithetic"][1]["scheme"] == "central"
+
+
+def test_budget_vocab16_is_zoodip_fast():
+    """The benchmark's budget-vocab16 trains exactly what `--method zoodip-fast` ships on the embedded model."""
+    import dataclasses
+
+    from quantdream.methods.zoodip import ZoodipConfig, ZoodipFastConfig
+    from quantdream.train import EMBEDDED_DEFAULTS
+    method, section, steps = load_script("personalization").variants(1500, 1e-2, 1 / 3)["budget-vocab16"]
+    bench = ZoodipConfig(**{**EMBEDDED_DEFAULTS[method]["section"], **section})
+    fast = ZoodipFastConfig(**EMBEDDED_DEFAULTS["zoodip-fast"]["section"])
+    assert dataclasses.asdict(bench) == dataclasses.asdict(fast) and steps == EMBEDDED_DEFAULTS["zoodip-fast"]["steps"]
+    assert (ZoodipConfig(**EMBEDDED_DEFAULTS["zoodip"]["section"]).t_low, fast.t_low) == (800, 500)
 
 
 @pytest.mark.slow
@@ -210,7 +223,7 @@ def test_zoodip_study_variants_keep_zoodips_budget():
     for name, (method, section, steps) in studies["sweep"].items():
         passes = (steps or 1500) * (section.get("n", 2) + 1)
         assert method == "ti" or passes == 4500, name                # ZOODiP's embedded budget: 1500 x 3
-    assert studies["sweep"]["zoodip"] == ("zoodip", {}, 0)          # the paper's method, embedded defaults
+    assert studies["sweep"]["zoodip"] == ("zoodip", {"t_low": 500, "t_high": 900}, 0)   # the paper's interval
     assert studies["sweep"]["zoodip-t800-1000"][1] == {"t_low": 800, "t_high": 1000}
     assert studies["best"]["zoodip-t800-n8"] == ("zoodip", {"t_low": 800, "t_high": 1000, "n": 8}, 500)
 

@@ -5,6 +5,7 @@
     g   = g (I - P_nu^T P_nu)                                                        SG, Eq. 8
     theta <- ZOAdam(theta, g; lr, eps=1e-3);  buffer.push(theta); every tau steps rebuild P_nu
     t ~ U{T_L, ..., T_U - 1} = U{500, ..., 899}                                      PUTS, Eq. 9
+                                       (embedded model: U{800, ..., 999}, train.EMBEDDED_DEFAULTS)
 
 The clean and the n perturbed tokens run as ONE batch through the text encoder and the UNet, with
 one draw of image, caption, eps and t (common random numbers). No autograd anywhere. Every part is
@@ -19,7 +20,8 @@ Beyond the paper (off by default, so ``zoodip`` stays the paper's method):
                                dimension it searches; d_eff = k)
 
 ``zoodip-fast`` (class ZoodipFast) is the winner of the issue-4 search, shipped under its own name: the same
-method with ``vocab_directions = 16`` and, on the embedded model, 1/3 of ZOODiP's steps (train.EMBEDDED_DEFAULTS).
+method with ``vocab_directions = 16`` and, on the embedded model, 1/3 of ZOODiP's steps at the paper's PUTS
+interval [500, 900), the setting it was measured with (train.EMBEDDED_DEFAULTS).
 Evidence (10 subjects) and its failure case: docs/personalization.md.
 """
 from __future__ import annotations
