@@ -58,7 +58,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from quantdream.train import EMBEDDED_DEFAULTS
     table = STUDIES[a.study]
-    ref = json.loads(Path(a.reference).read_text()) if a.reference else None
+    ref = None
+    if a.reference:
+        try:
+            ref = json.loads(Path(a.reference).read_text())
+            ref["per_subject"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--reference {a.reference}: not a benchmarks/personalization.py JSON ({e})") from None
     chosen = [v for v in a.variants.split(",") if v] or [v for v in table if not (ref and v in ("ti", "zoodip"))]
     unknown = [v for v in chosen if v not in table]
     if unknown:

@@ -261,3 +261,7 @@ def test_zoodip_study_takes_reference_rows_and_resumes(tiny_model, random_evalua
     assert (run / "run.json").stat().st_mtime == stamp
     with pytest.raises(SystemExit, match="unknown variants"):
         bench.main([*argv[:2], "--variants", "nope"])
+    (tmp_path / "bad.json").write_text("{not json")
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(SystemExit, match="not a benchmarks/personalization.py JSON"):
+            bench.main([*argv[:2], "--reference", str(bad)])
