@@ -137,6 +137,18 @@ def evaluate(runs: dict[str, Path], out: Path, settings, evaluator: str | None) 
     return evaluate_runs(list(runs.values()), out, evaluator_dir=evaluator, settings=settings)
 
 
+def subject_rows(name: str, runs: dict[str, Path], m: dict, info_keys=("unet_forward_passes",)) -> list[dict]:
+    """One row per evaluated run of a subject: its variant (the floor for the init word alone), METRICS and
+    ``info_keys`` from its run.json."""
+    by_dir = {str(p): v for v, p in runs.items()}
+    rows = []
+    for r in m["rows"]:
+        info = json.loads((Path(r["run_dir"]) / "run.json").read_text()) if r["run_dir"] else {}
+        rows.append({"variant": by_dir.get(r["run_dir"], f"floor ({r['weights']})"), "subject": name,
+                     **{k: r["metrics"].get(k) for k in METRICS}, **{k: info.get(k) for k in info_keys}})
+    return rows
+
+
 def add_harness_args(ap: argparse.ArgumentParser, out: str | None, out_help: str | None = None) -> None:
     """The options every per-subject benchmark here shares: subjects, evaluation, seed, threads, model, --out."""
     a = ap.add_argument
@@ -205,13 +217,7 @@ def main(argv=None) -> int:
         runs = {v: train(subject, v, *table[v], out / "runs" / name / v, a.seed, a.threads, a.model)
                 for v in chosen}
         m = evaluate(runs, out / "eval" / name, settings, a.evaluator)
-        by_dir = {str(p): v for v, p in runs.items()}
-        for r in m["rows"]:
-            v = by_dir.get(r["run_dir"], f"floor ({r['weights']})")   # the init word, no personalization
-            info = json.loads((Path(r["run_dir"]) / "run.json").read_text()) if r["run_dir"] else {}
-            rows.append({"variant": v, "subject": name, **{k: r["metrics"].get(k) for k in METRICS},
-                         "unet_forward_passes": info.get("unet_forward_passes"), "seconds": info.get("seconds"),
-                         "steps": info.get("steps"), "weights": info.get("weights")})
+        rows += subject_rows(name, runs, m, ("unet_forward_passes", "seconds", "steps", "weights"))
     res: dict = {"subjects": names, "seed": a.seed, "threads": a.threads, "images_per_prompt": a.images_per_prompt,
                  "variants": {}}
     for v in sorted({r["variant"] for r in rows if r["variant"].startswith("floor")}) + chosen:

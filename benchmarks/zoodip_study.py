@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from personalization import METRICS, add_harness_args, eval_settings, evaluate, mean, subject_dirs, train  # noqa: E402
+from personalization import (METRICS, add_harness_args, eval_settings, evaluate, mean, subject_dirs,  # noqa: E402
+                             subject_rows, train)
 
 PAPER = {"t_low": 500, "t_high": 900}         # "zoodip" here: the paper's interval, pinned (the embedded default
 T800 = {"t_low": 800, "t_high": 1000}          # became [800, 1000) after this study)
@@ -62,8 +63,9 @@ def main(argv=None) -> int:
     if a.reference:
         try:
             ref = json.loads(Path(a.reference).read_text())
-            ref["per_subject"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            if not isinstance(ref, dict) or not isinstance(ref.get("per_subject"), list):
+                raise ValueError("no per_subject rows")
+        except (OSError, ValueError) as e:
             raise SystemExit(f"--reference {a.reference}: not a benchmarks/personalization.py JSON ({e})") from None
     chosen = [v for v in a.variants.split(",") if v] or [v for v in table if not (ref and v in ("ti", "zoodip"))]
     unknown = [v for v in chosen if v not in table]
@@ -78,13 +80,7 @@ def main(argv=None) -> int:
         runs = {v: train(subject, v, table[v][0], table[v][1],
                          a.steps or table[v][2] or EMBEDDED_DEFAULTS[table[v][0]]["steps"],
                          out / "runs" / name / v, a.seed, a.threads, a.model) for v in chosen}
-        m = evaluate(runs, out / "eval" / name, settings, a.evaluator)
-        by_dir = {str(p): v for v, p in runs.items()}
-        for r in m["rows"]:
-            info = json.loads((Path(r["run_dir"]) / "run.json").read_text()) if r["run_dir"] else {}
-            rows.append({"variant": by_dir.get(r["run_dir"], f"floor ({r['weights']})"), "subject": name,
-                         **{k: r["metrics"].get(k) for k in METRICS},
-                         "unet_forward_passes": info.get("unet_forward_passes")})
+        rows += subject_rows(name, runs, evaluate(runs, out / "eval" / name, settings, a.evaluator))
         if ref:
             rows += [{**r, "variant": f"reference {r['variant']}"} for r in ref["per_subject"]
                      if r["subject"] == name and (r["variant"] in ("ti", "zoodip") or r["variant"].startswith("floor"))]
