@@ -6,7 +6,7 @@
         --reference benchmarks/results/2026-11-24/personalization-10subjects.json   # the sweep's best, 10 subjects
 
 sweep: textual inversion (the reference) and ZOODiP ("zoodip") with the paper's PUTS interval [500, 900) beside
-[500, 1000), [600, 1000), [700, 1000), [800, 1000) (the TuneQDM S1 study found the subject learned at the
+[500, 1000), [600, 1000), [700, 1000), [800, 1000), [900, 1000) (the TuneQDM S1 study found the subject learned at the
 highest-noise timesteps on this model); then, at [800, 1000), SG's buffer tau = 256 and 512 (tau > 128 lets SG
 remove more of the 768 directions), n = 8 directions a step at ZOODiP's forward-pass budget (500 steps), and
 ZO-Adam eps = 1e-4. Everything else is ZOODiP's embedded default (1500 steps, lr 1e-2), seed 0. The study
@@ -34,7 +34,7 @@ from personalization import (METRICS, add_harness_args, eval_settings, evaluate,
 PAPER = {"t_low": 500, "t_high": 900}         # "zoodip" here: the paper's interval, pinned (the embedded default
 T800 = {"t_low": 800, "t_high": 1000}          # became [800, 1000) after this study)
 PUTS = {f"zoodip-t{lo}-{hi}": {"t_low": lo, "t_high": hi} for lo, hi in ((500, 1000), (600, 1000), (700, 1000),
-                                                                         (800, 1000))}
+                                                                         (800, 1000), (900, 1000))}
 STUDIES = {   # variant -> (method, settings section, steps; 0 = the method's embedded default)
     "sweep": {"ti": ("ti", {}, 0), "zoodip": ("zoodip", PAPER, 0)}
     | {v: ("zoodip", s, 0) for v, s in PUTS.items()}
