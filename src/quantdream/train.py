@@ -56,7 +56,7 @@ TRAJECTORY_KEYS = ("images", "token", "init_word", "model", "method", "weights",
 # EfficientNet and prompt accuracy): ZOODiP 1500 steps at lr 1e-2 (the reference script's rate) had the best
 # subject fidelity of 1e-2 / 3e-3 / 1e-3 and fits the README's 5-minute budget (~130 s on one thread); TI at
 # 5e-3 for 400 steps matched 1000 steps at 1e-3 and 1500 at 3e-4 for a third of the time. ZOODiP's PUTS interval
-# on this model is [800, 1000) instead of SD's [500, 900): best of five intervals on 4 subjects, then on all 10
+# on this model is [800, 1000) instead of SD's [500, 900): best of six intervals on 4 subjects, then on all 10
 # +0.037 world CLIP-I and +0.017 prompt accuracy over [500, 900) (benchmarks/zoodip_study.py; docs/personalization.md).
 EMBEDDED_DEFAULTS = {
     "zoodip": {"steps": 1500, "section": {"lr": 1e-2, "t_low": 800, "t_high": 1000}},
