@@ -4,6 +4,8 @@
         --images-per-prompt 2                                   # PUTS interval, then SG's tau, n, ZO-Adam eps
     python benchmarks/zoodip_study.py --study best \\
         --reference benchmarks/results/2026-11-24/personalization-10subjects.json   # the sweep's best, 10 subjects
+    python benchmarks/zoodip_study.py --study long --subjects teal_bag,olive_coat,mustard_boot,coral_top \
+        --reference benchmarks/results/2026-11-24/personalization-10subjects-puts800.json   # 2x, 3x the steps
 
 sweep: textual inversion (the reference) and ZOODiP ("zoodip") with the paper's PUTS interval [500, 900) beside
 [500, 1000), [600, 1000), [700, 1000), [800, 1000), [900, 1000) (the TuneQDM S1 study found the subject learned at the
@@ -16,6 +18,10 @@ best: the sweep's two best settings on every subject. With --reference (a person
 same seed and protocol) the floor, ti and zoodip rows are taken from that file instead of being trained again
 (the evaluation's seeds make every row independent of the others); ``--variants zoodip`` on a few subjects
 checks that the reference's zoodip rows are reproduced.
+
+long: the embedded default ([800, 1000), lr 1e-2) trained 2x and 3x as long (3,000 and 4,500 steps); with --reference
+(the personalization.py JSON at the same default) its 1,500-step rows are the reference's "zoodip". Does ZOODiP keep
+learning past 1,500 steps at the new interval? (At the paper's [500, 900) it stopped rising after 500-1,000 steps.)
 
 Runs and evaluations are kept under --out, so an interrupted study continues where it stopped.
 """
@@ -42,6 +48,7 @@ STUDIES = {   # variant -> (method, settings section, steps; 0 = the method's em
        "t800-eps1e-4": ("zoodip", {**T800, "adam_eps": 1e-4}, 0)},
     "best": {"zoodip": ("zoodip", PAPER_PUTS, 0), "zoodip-t800": ("zoodip", T800, 0),
              "zoodip-t800-n8": ("zoodip", {**T800, "n": 8}, 500)},
+    "long": {"zoodip-t800-3000": ("zoodip", T800, 3000), "zoodip-t800-4500": ("zoodip", T800, 4500)},
 }
 
 

@@ -226,6 +226,11 @@ def test_zoodip_study_variants_keep_zoodips_budget():
     assert studies["sweep"]["zoodip"] == ("zoodip", {"t_low": 500, "t_high": 900}, 0)   # the paper's interval
     assert studies["sweep"]["zoodip-t800-1000"][1] == {"t_low": 800, "t_high": 1000}
     assert studies["best"]["zoodip-t800-n8"] == ("zoodip", {"t_low": 800, "t_high": 1000, "n": 8}, 500)
+    from quantdream.train import EMBEDDED_DEFAULTS
+    default = EMBEDDED_DEFAULTS["zoodip"]
+    for name, (method, section, steps) in studies["long"].items():   # the default, only longer: the reference's
+        assert method == "zoodip" and steps > default["steps"], name  # "zoodip" rows are its 1,500-step point
+        assert {**default["section"], **section} == default["section"], name
 
 
 @pytest.mark.slow
