@@ -23,6 +23,9 @@ long: the embedded default ([800, 1000), lr 1e-2) trained 2x and 3x as long (3,0
 (the personalization.py JSON at the same default) its 1,500-step rows are the reference's "zoodip". Does ZOODiP keep
 learning past 1,500 steps at the new interval? (At the paper's [500, 900) it stopped rising after 500-1,000 steps.)
 
+fast: zoodip-fast (16 vocabulary directions, 1/3 of ZOODiP's passes; shipped with the paper's [500, 900), the
+interval it was measured with) at ZOODiP's embedded interval [800, 1000). Compare with the reference's budget-vocab16.
+
 Runs and evaluations are kept under --out, so an interrupted study continues where it stopped.
 """
 from __future__ import annotations
@@ -49,6 +52,7 @@ STUDIES = {   # variant -> (method, settings section, steps; 0 = the method's em
     "best": {"zoodip": ("zoodip", PAPER_PUTS, 0), "zoodip-t800": ("zoodip", T800, 0),
              "zoodip-t800-n8": ("zoodip", {**T800, "n": 8}, 500)},
     "long": {"zoodip-t800-3000": ("zoodip", T800, 3000), "zoodip-t800-4500": ("zoodip", T800, 4500)},
+    "fast": {"zoodip-fast-t800": ("zoodip-fast", T800, 0)},         # zoodip-fast's 500 steps at ZOODiP's interval
 }
 
 

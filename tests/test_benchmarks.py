@@ -231,6 +231,7 @@ def test_zoodip_study_variants_keep_zoodips_budget():
     for name, (method, section, steps) in studies["long"].items():   # the default, only longer: the reference's
         assert method == "zoodip" and steps > default["steps"], name  # "zoodip" rows are its 1,500-step point
         assert {**default["section"], **section} == default["section"], name
+    assert studies["fast"]["zoodip-fast-t800"] == ("zoodip-fast", {"t_low": 800, "t_high": 1000}, 0)
 
 
 @pytest.mark.slow
