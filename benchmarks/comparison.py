@@ -4,6 +4,7 @@
     python benchmarks/comparison.py --subjects teal_bag,olive_coat --methods zoodip,ti,gf-ti
     python benchmarks/comparison.py ... --resume                      # after an interruption
     python benchmarks/comparison.py --refresh-memory --memory-low-memory --out DIR   # new memory rows, same report
+    python benchmarks/comparison.py --refresh-methods zoodip --out DIR  # one method trained again, same report
     python benchmarks/comparison.py --subjects teal_bag --methods zoodip,ti --steps 2 --memory-arch tiny \\
         --model /path/to/tiny-sd --images-per-prompt 1 --eval-steps 2     # a smoke run
 
@@ -74,6 +75,10 @@ def parse_args(argv=None):
     a("--refresh-memory", dest="refresh_memory", action="store_true",
       help="measure the memory rows again and rewrite --out's mean report (report.json, report.md, figure1.png) "
            "with them; its quality columns and bars come from the report as it is (no training, no evaluation)")
+    a("--refresh-methods", dest="refresh_methods", default="",
+      help="comma-separated methods of --out's mean report to train and evaluate again (e.g. after their defaults "
+           "changed) on the report's subjects, seed and protocol, in OUT/refresh/<subject> (with --resume, finished "
+           "runs there are kept); their rows replace the old ones, every other row and the memory columns are kept")
     return ap.parse_args(argv)
 
 
@@ -211,6 +216,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.refresh_memory:
         return refresh_memory(a)
+    if a.refresh_methods:
+        return refresh_methods(a)
     from quantdream.cli.compare import parse_methods
     from quantdream.cli.main import main as cli
     from quantdream.eval import report as rep
@@ -287,18 +294,13 @@ def refresh_memory(a) -> int:
     """--refresh-memory: new memory rows into --out's existing mean report; everything else is kept."""
     from quantdream.eval import report as rep
     out = Path(a.out)
-    path = out / "report.json"
-    if not path.is_file():
-        print(json.dumps({"error": f"--refresh-memory: no report.json in {out} (run the comparison first)"}))
-        return 2
     try:
-        old = json.loads(path.read_text())
-        rows = [{k: v for k, v in r.items() if not k.startswith("memory_")} for r in old["rows"]]
-        keep = {k: v for k, v in old["settings"].items() if not k.startswith("memory_")}
-        subjects, methods = keep["subjects"], [r["method"] for r in rows]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        print(json.dumps({"error": f"--refresh-memory: {path} is not a comparison report ({type(e).__name__}: {e})"}))
+        old, keep = read_report(out, "--refresh-memory")
+    except ValueError as e:
+        print(json.dumps({"error": str(e)}))
         return 2
+    rows = [{k: v for k, v in r.items() if not k.startswith("memory_")} for r in old["rows"]]
+    subjects, methods = keep["subjects"], [r["method"] for r in rows]
     memory = measure_memory(a, methods, out)
     if memory:
         rows = rep.add_memory(rows, memory)
@@ -310,6 +312,91 @@ def refresh_memory(a) -> int:
                  + [f"memory columns measured again (--refresh-memory, commit {', '.join(revs)}); every other "
                     f"column comes from the original runs"])
     print(json.dumps(result_json(a, out, rows, memory, bars, subjects, {}, {}), indent=1, default=str))
+    return 0
+
+
+def read_report(out: Path, flag: str) -> tuple[dict, dict]:
+    """--out's mean report and its settings without the memory ones; ValueError says what is wrong."""
+    path = out / "report.json"
+    if not path.is_file():
+        raise ValueError(f"{flag}: no report.json in {out} (run the comparison first)")
+    try:
+        old = json.loads(path.read_text())
+        keep = {k: v for k, v in old["settings"].items() if not k.startswith("memory_")}
+        if not isinstance(keep["subjects"], list) or not all(isinstance(r["method"], str) for r in old["rows"]):
+            raise TypeError("subjects or rows of the wrong type")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{flag}: {path} is not a comparison report ({type(e).__name__}: {e})") from None
+    return old, keep
+
+
+def refresh_methods(a) -> int:
+    """--refresh-methods: the named methods trained and evaluated again with ``quantdream compare`` on the report's
+    subjects, model, seed and images per prompt (OUT/refresh/<subject>); their mean rows replace the old ones
+    (memory columns kept: the memory bench does not depend on the training defaults), the other rows are kept.
+    Bars are computed again where they involve a refreshed method; a per-subject count that would need an old,
+    unkept per-subject row of another method is left out (None) with a note."""
+    from quantdream.bench.memory import _git_revision
+    from quantdream.cli.compare import parse_methods
+    from quantdream.cli.main import main as cli
+    from quantdream.eval import report as rep
+    out = Path(a.out)
+    try:
+        old, keep = read_report(out, "--refresh-methods")
+        methods = parse_methods(a.refresh_methods)
+        have = [r["method"] for r in old["rows"]]
+        if [m for m in methods if m not in have]:
+            raise ValueError(f"--refresh-methods: {', '.join(m for m in methods if m not in have)} not in the report "
+                             f"(it has {', '.join(have)})")
+        subjects = subject_dirs(argparse.Namespace(subjects_dir=a.subjects_dir, subjects=",".join(keep["subjects"])))
+    except ValueError as e:
+        print(json.dumps({"error": str(e)}))
+        return 2
+    sub = argparse.Namespace(**{**vars(a), "methods": ",".join(methods), "model": keep["model"], "seed": keep["seed"],
+                                "images_per_prompt": keep["images_per_prompt"]})
+    tables, failed = {}, {}
+    for i, subject in enumerate(subjects, 1):
+        print(f"comparison: refresh {i}/{len(subjects)}: {subject.name}", file=sys.stderr, flush=True)
+        with contextlib.redirect_stdout(sys.stderr):
+            rc = cli(compare_argv(sub, subject, out / "refresh" / subject.name))
+        if rc in (2, 130):
+            print(json.dumps({"error": f"compare stopped on {subject.name} (exit {rc}, see stderr); "
+                                       f"nothing in the report changed{'; rerun with --resume' if rc == 130 else ''}"}))
+            return rc
+        path = out / "refresh" / subject.name / "report.json"
+        if rc or not path.is_file():
+            failed[subject.name] = f"compare exited with {rc} (see stderr)"
+            continue
+        tables[subject.name] = json.loads(path.read_text())["rows"]
+    if failed:                              # a mean over fewer subjects would not be the report's column
+        print(json.dumps({"error": f"--refresh-methods: failed on {', '.join(failed)}; nothing in the report changed",
+                          "failed_subjects": failed}))
+        return 1
+    new = {r["method"]: r for r in rep.mean_rows(list(tables.values()))}
+    rows = [{**new[r["method"]], **{k: v for k, v in r.items() if k.startswith("memory_")}} if r["method"] in new
+            else r for r in old["rows"]]
+    means = {r["method"]: {k: r.get(k) for k in COLUMNS} for r in rows}
+    fid = rep.fidelity_key(rows)
+    bars = {**old.get("bars", {}), **memory_bars(rows)}
+    for name, pair, fn in (("gfti_below_zoodip", ("zoodip", "gf-ti"), gfti_below_zoodip),
+                           ("tuneqdm_s2_vs_peqa", ("tuneqdm-s2", "peqa"), tuneqdm_s2_vs_peqa)):
+        if set(pair) & set(methods):
+            bars[name] = fn(means, tables, fid)
+            if not set(pair) <= set(methods):
+                count = [k for k in bars[name] if k.startswith("subjects")]
+                bars[name].update({k: None for k in count},
+                                  note=f"per-subject counts left out: the original per-subject rows of "
+                                       f"{', '.join(sorted(set(pair) - set(methods)))} are not kept in the report")
+    for k in ("memory_arch", "memory_steps", "memory_low_memory"):      # the report's, not this call's defaults
+        setattr(a, k, old["settings"].get(k, getattr(a, k)))
+    mem_path = out / f"memory-{a.memory_arch}{'-lowmem' if a.memory_low_memory else ''}" / "memory.json"
+    memory = json.loads(mem_path.read_text()) if mem_path.is_file() else None
+    automatic = ("train memory:", "in-run peak:") if memory else ()      # written again from memory.json
+    notes = [n for n in old.get("notes", []) if not (automatic and n.startswith(automatic))] + [
+        f"{', '.join(methods)}: trained and evaluated again (--refresh-methods, commit {_git_revision()}, runs in "
+        f"{out / 'refresh'}); every other method's columns come from the original runs"]
+    write_report(a, out, rows, memory, bars, keep, [], notes)
+    print(json.dumps(result_json(a, out, rows, memory, bars, keep["subjects"], {}, {}), indent=1, default=str))
     return 0
 
 

@@ -148,6 +148,20 @@ def test_comparison_benchmark_end_to_end(tiny_model, random_evaluator, tmp_path,
     assert cmp.main(["--refresh-memory", "--out", str(tmp_path / "bad")]) == 2
     assert "is not a comparison report" in json.loads(capsys.readouterr().out)["error"]
     assert (tmp_path / "bad" / "report.json").read_text() == "{not json"      # nothing overwritten
+    # --refresh-methods: ti trained again (other steps) on the report's subjects and protocol; zoodip's row kept
+    refresh = ["--refresh-methods", "ti", "--steps", "3", "--prompts", "composition", "--eval-steps", "2",
+               "--threads", "1", "--evaluator", str(random_evaluator), "--out", str(out)]
+    assert cmp.main(refresh) == 0
+    res = json.loads(capsys.readouterr().out)
+    again = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in again["rows"]] == ["zoodip", "ti"] and res["steps"] == {"zoodip": 2, "ti": 3}
+    assert again["rows"][0] == after["rows"][0]                                    # zoodip untouched
+    assert again["rows"][1]["memory_mib"] == after["rows"][1]["memory_mib"]        # memory columns kept
+    assert (out / "refresh" / "teal_bag" / "runs" / "ti" / "run.json").is_file()
+    assert any("trained and evaluated again" in n for n in again["notes"])
+    assert cmp.main(["--refresh-methods", "dreambooth", "--out", str(out)]) == 2
+    assert "not in the report" in json.loads(capsys.readouterr().out)["error"]
+    assert json.loads((out / "report.json").read_text()) == again                 # nothing overwritten
 
 
 @pytest.mark.slow
