@@ -23,8 +23,9 @@ long: the embedded default ([800, 1000), lr 1e-2) trained 2x and 3x as long (3,0
 (the personalization.py JSON at the same default) its 1,500-step rows are the reference's "zoodip". Does ZOODiP keep
 learning past 1,500 steps at the new interval? (At the paper's [500, 900) it stopped rising after 500-1,000 steps.)
 
-fast: zoodip-fast (16 vocabulary directions, 1/3 of ZOODiP's passes; shipped with the paper's [500, 900), the
-interval it was measured with) at ZOODiP's embedded interval [800, 1000). Compare with the reference's budget-vocab16.
+fast: zoodip-fast (16 vocabulary directions, 1/3 of ZOODiP's passes) at ZOODiP's embedded interval [800, 1000);
+compare with personalization-10subjects-puts800.json's budget-vocab16 (made at the paper's [500, 900)). The study
+moved zoodip-fast's embedded default to [800, 1000).
 
 Runs and evaluations are kept under --out, so an interrupted study continues where it stopped.
 """

@@ -20,8 +20,8 @@ Beyond the paper (off by default, so ``zoodip`` stays the paper's method):
                                dimension it searches; d_eff = k)
 
 ``zoodip-fast`` (class ZoodipFast) is the winner of the issue-4 search, shipped under its own name: the same
-method with ``vocab_directions = 16`` and, on the embedded model, 1/3 of ZOODiP's steps at the paper's PUTS
-interval [500, 900), the setting it was measured with (train.EMBEDDED_DEFAULTS).
+method with ``vocab_directions = 16`` and, on the embedded model, 1/3 of ZOODiP's steps at ZOODiP's embedded
+PUTS interval [800, 1000) (train.EMBEDDED_DEFAULTS; on SD folders the paper's [500, 900)).
 Evidence (10 subjects) and its failure case: docs/personalization.md.
 """
 from __future__ import annotations
