@@ -112,6 +112,21 @@ def compare_argv(a, subject: Path, out: Path) -> list[str]:
     return argv + (["--resume"] if a.resume else [])
 
 
+def memory_path(a, out: Path) -> Path:
+    """Where --out keeps the memory rows of a's --memory-arch / --memory-low-memory."""
+    return out / f"memory-{a.memory_arch}{'-lowmem' if a.memory_low_memory else ''}" / "memory.json"
+
+
+def compare_subject(a, subject: Path, out: Path) -> tuple[int, dict | None]:
+    """``quantdream compare`` on one subject into ``out`` (its output to stderr: stdout carries only the JSON
+    object): its exit code and its report.json (None when it wrote none)."""
+    from quantdream.cli.main import main as cli
+    with contextlib.redirect_stdout(sys.stderr):
+        rc = cli(compare_argv(a, subject, out))
+    path = out / "report.json"
+    return rc, json.loads(path.read_text()) if path.is_file() else None
+
+
 def measure_memory(a, methods: list[str], out: Path) -> dict | None:
     from quantdream.bench.memory import WEIGHTS, BenchSpec, bench_memory, memory_markdown
     from quantdream.cli.compare import parse_method_weights
@@ -122,7 +137,7 @@ def measure_memory(a, methods: list[str], out: Path) -> dict | None:
                        seed=a.seed, threads=a.threads, device=a.device, low_memory=a.memory_low_memory,
                        weights=weights.get(m) if weights.get(m) in WEIGHTS else "") for m in methods]
     want = [dataclasses.asdict(s) for s in specs]
-    path = out / f"memory-{a.memory_arch}{'-lowmem' if a.memory_low_memory else ''}" / "memory.json"
+    path = memory_path(a, out)
     if a.resume and path.is_file():
         old = json.loads(path.read_text())
         if old.get("specs") == want and all(r.get("status") != "failed" for r in old.get("rows", [])):
@@ -219,7 +234,6 @@ def main(argv=None) -> int:
     if a.refresh_methods:
         return refresh_methods(a)
     from quantdream.cli.compare import parse_methods
-    from quantdream.cli.main import main as cli
     from quantdream.eval import report as rep
     try:
         subjects = subject_dirs(a)
@@ -231,19 +245,16 @@ def main(argv=None) -> int:
     reports, tables, failed_subjects, eval_notes = {}, {}, {}, []
     for i, subject in enumerate(subjects, 1):
         print(f"comparison: subject {i}/{len(subjects)}: {subject.name}", file=sys.stderr, flush=True)
-        with contextlib.redirect_stdout(sys.stderr):           # stdout carries only the JSON object
-            rc = cli(compare_argv(a, subject, out / subject.name))
+        rc, report = compare_subject(a, subject, out / subject.name)
         if rc == 130:
             print(json.dumps({"error": f"interrupted during {subject.name}; rerun with --resume"}))
             return 130
-        report_path = out / subject.name / "report.json"
-        if rc == 2 or not report_path.is_file():
+        if rc == 2 or report is None:
             failed_subjects[subject.name] = f"compare exited with {rc} (see stderr)"
             if rc == 2:                                            # bad input: every subject would fail alike
                 print(json.dumps({"error": f"compare refused {subject.name}'s settings (see stderr)"}))
                 return 2
             continue
-        report = json.loads(report_path.read_text())
         eval_notes += [n for n in report.get("notes", []) if n not in eval_notes]
         tables[subject.name] = report["rows"]
         reports[subject.name] = str(out / subject.name / "report.md")
@@ -338,12 +349,14 @@ def refresh_methods(a) -> int:
     unkept per-subject row of another method is left out (None) with a note."""
     from quantdream.bench.memory import _git_revision
     from quantdream.cli.compare import parse_methods
-    from quantdream.cli.main import main as cli
     from quantdream.eval import report as rep
     out = Path(a.out)
     try:
         old, keep = read_report(out, "--refresh-methods")
-        methods = parse_methods(a.refresh_methods)
+        try:
+            methods = parse_methods(a.refresh_methods)
+        except ValueError as e:                                      # name the flag the user gave
+            raise ValueError(f"--refresh-methods: {str(e).removeprefix('--methods: ')}") from None
         have = [r["method"] for r in old["rows"]]
         if [m for m in methods if m not in have]:
             raise ValueError(f"--refresh-methods: {', '.join(m for m in methods if m not in have)} not in the report "
@@ -357,17 +370,15 @@ def refresh_methods(a) -> int:
     tables, failed = {}, {}
     for i, subject in enumerate(subjects, 1):
         print(f"comparison: refresh {i}/{len(subjects)}: {subject.name}", file=sys.stderr, flush=True)
-        with contextlib.redirect_stdout(sys.stderr):
-            rc = cli(compare_argv(sub, subject, out / "refresh" / subject.name))
+        rc, report = compare_subject(sub, subject, out / "refresh" / subject.name)
         if rc in (2, 130):
             print(json.dumps({"error": f"compare stopped on {subject.name} (exit {rc}, see stderr); "
                                        f"nothing in the report changed{'; rerun with --resume' if rc == 130 else ''}"}))
             return rc
-        path = out / "refresh" / subject.name / "report.json"
-        if rc or not path.is_file():
+        if rc or report is None:
             failed[subject.name] = f"compare exited with {rc} (see stderr)"
             continue
-        tables[subject.name] = json.loads(path.read_text())["rows"]
+        tables[subject.name] = report["rows"]
     if failed:                              # a mean over fewer subjects would not be the report's column
         print(json.dumps({"error": f"--refresh-methods: failed on {', '.join(failed)}; nothing in the report changed",
                           "failed_subjects": failed}))
@@ -389,7 +400,7 @@ def refresh_methods(a) -> int:
                                        f"{', '.join(sorted(set(pair) - set(methods)))} are not kept in the report")
     for k in ("memory_arch", "memory_steps", "memory_low_memory"):      # the report's, not this call's defaults
         setattr(a, k, old["settings"].get(k, getattr(a, k)))
-    mem_path = out / f"memory-{a.memory_arch}{'-lowmem' if a.memory_low_memory else ''}" / "memory.json"
+    mem_path = memory_path(a, out)
     memory = json.loads(mem_path.read_text()) if mem_path.is_file() else None
     automatic = ("train memory:", "in-run peak:") if memory else ()      # written again from memory.json
     notes = [n for n in old.get("notes", []) if not (automatic and n.startswith(automatic))] + [
