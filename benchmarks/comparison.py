@@ -4,6 +4,7 @@
     python benchmarks/comparison.py --subjects teal_bag,olive_coat --methods zoodip,ti,gf-ti
     python benchmarks/comparison.py ... --resume                      # after an interruption
     python benchmarks/comparison.py --refresh-memory --memory-low-memory --out DIR   # new memory rows, same report
+    python benchmarks/comparison.py --refresh-memory --memory-low-memory --methods peqa,tuneqdm --out DIR   # two rows
     python benchmarks/comparison.py --refresh-methods zoodip --out DIR  # one method trained again, same report
     python benchmarks/comparison.py --subjects teal_bag --methods zoodip,ti --steps 2 --memory-arch tiny \\
         --model /path/to/tiny-sd --images-per-prompt 1 --eval-steps 2     # a smoke run
@@ -47,7 +48,8 @@ def parse_args(argv=None):
     a = ap.add_argument
     a("--subjects", default="", help="comma-separated subject names under examples/subjects (default: all)")
     a("--subjects-dir", dest="subjects_dir", default=str(SUBJECTS_DIR), help="where the subjects are")
-    a("--methods", default="all", help="comma-separated methods or all (default)")
+    a("--methods", default="all", help="comma-separated methods or all (default); with --refresh-memory, the methods "
+                                      "whose memory rows are measured again (the others are kept)")
     a("--model", default="tiny", help="tiny (the embedded model, default) or a local Stable Diffusion folder")
     a("--steps", type=int, default=0, help="steps of every method (default: each method's own default)")
     a("--method-steps", dest="method_steps", default="", help="per method, e.g. zoodip=1500,gf-ti=225")
@@ -127,8 +129,10 @@ def compare_subject(a, subject: Path, out: Path) -> tuple[int, dict | None]:
     return rc, json.loads(path.read_text()) if path.is_file() else None
 
 
-def measure_memory(a, methods: list[str], out: Path) -> dict | None:
-    from quantdream.bench.memory import WEIGHTS, BenchSpec, bench_memory, memory_markdown
+def measure_memory(a, methods: list[str], out: Path, keep: dict | None = None) -> dict | None:
+    """``bench memory`` of ``methods`` on --memory-arch, written to memory_path(). ``keep``: an earlier result
+    whose rows of the other methods stay (--refresh-memory --methods); its ratios are recomputed over all rows."""
+    from quantdream.bench.memory import WEIGHTS, BenchSpec, bench_memory, memory_markdown, summarize
     from quantdream.cli.compare import parse_method_weights
     if a.memory_arch == "none":
         return None
@@ -138,13 +142,18 @@ def measure_memory(a, methods: list[str], out: Path) -> dict | None:
                        weights=weights.get(m) if weights.get(m) in WEIGHTS else "") for m in methods]
     want = [dataclasses.asdict(s) for s in specs]
     path = memory_path(a, out)
-    if a.resume and path.is_file():
+    if a.resume and keep is None and path.is_file():
         old = json.loads(path.read_text())
         if old.get("specs") == want and all(r.get("status") != "failed" for r in old.get("rows", [])):
             return old
     print(f"comparison: memory of {len(specs)} methods on {a.memory_arch}", file=sys.stderr, flush=True)
     result = bench_memory(specs, timeout=a.memory_timeout or None)
     result["specs"] = want
+    if keep:
+        rows, new_specs = {r["method"]: r for r in result["rows"]}, {s["method"]: s for s in want}
+        result["rows"] = [rows.pop(r["method"], r) for r in keep["rows"]] + list(rows.values())
+        result["specs"] = [new_specs.pop(s["method"], s) for s in keep.get("specs", [])] + list(new_specs.values())
+        result["summary"] = summarize(result["rows"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     (path.parent / "memory.md").write_text(memory_markdown(result))
@@ -302,26 +311,43 @@ def write_report(a, out: Path, rows, memory, bars, settings, eval_notes, notes) 
 
 
 def refresh_memory(a) -> int:
-    """--refresh-memory: new memory rows into --out's existing mean report; everything else is kept."""
+    """--refresh-memory: new memory rows into --out's existing mean report; everything else is kept. With
+    --methods, only those methods' rows are measured again and the others are kept from memory.json."""
+    from quantdream.cli.compare import parse_methods
     from quantdream.eval import report as rep
     out = Path(a.out)
     try:
         old, keep = read_report(out, "--refresh-memory")
+        rows = [{k: v for k, v in r.items() if not k.startswith("memory_")} for r in old["rows"]]
+        subjects, methods = keep["subjects"], [r["method"] for r in rows]
+        only, before = None, None
+        if a.methods != "all":
+            only = parse_methods(a.methods)
+            if [m for m in only if m not in methods]:
+                raise ValueError(f"--methods: {', '.join(m for m in only if m not in methods)} not in the report "
+                                 f"(it has {', '.join(methods)})")
+            if not memory_path(a, out).is_file():
+                raise ValueError(f"--refresh-memory --methods: no {memory_path(a, out)} to keep the other rows from")
+            before = json.loads(memory_path(a, out).read_text())
     except ValueError as e:
         print(json.dumps({"error": str(e)}))
         return 2
-    rows = [{k: v for k, v in r.items() if not k.startswith("memory_")} for r in old["rows"]]
-    subjects, methods = keep["subjects"], [r["method"] for r in rows]
-    memory = measure_memory(a, methods, out)
+    memory = measure_memory(a, only or methods, out, keep=before)
     if memory:
         rows = rep.add_memory(rows, memory)
     bars = {**old.get("bars", {}), **memory_bars(rows)}
-    automatic = ("train memory:", "in-run peak:", "memory columns measured again")   # written again below
+    automatic = ("train memory:", "in-run peak:", "memory columns measured again", "memory rows of")
     revs = sorted({str(r.get("git")) for r in (memory or {}).get("rows", [])})
+    if only:
+        new_revs = sorted({str(r.get("git")) for r in (memory or {}).get("rows", []) if r["method"] in only})
+        note = (f"memory rows of {', '.join(only)} measured again (--refresh-memory --methods, commit "
+                f"{', '.join(new_revs)}); the other memory rows from commit "
+                f"{', '.join(sorted(set(revs) - set(new_revs)) or new_revs)}; every other column from the runs")
+    else:
+        note = (f"memory columns measured again (--refresh-memory, commit {', '.join(revs)}); every other "
+                f"column comes from the original runs")
     write_report(a, out, rows, memory, bars, keep, [],
-                 [n for n in old.get("notes", []) if not n.startswith(automatic)]
-                 + [f"memory columns measured again (--refresh-memory, commit {', '.join(revs)}); every other "
-                    f"column comes from the original runs"])
+                 [n for n in old.get("notes", []) if not n.startswith(automatic)] + [note])
     print(json.dumps(result_json(a, out, rows, memory, bars, subjects, {}, {}), indent=1, default=str))
     return 0
 

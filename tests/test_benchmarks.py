@@ -141,6 +141,23 @@ def test_comparison_benchmark_end_to_end(tiny_model, random_evaluator, tmp_path,
     assert after["settings"]["memory_arch"] == "tiny" and after["settings"]["subjects"] == ["teal_bag"]
     assert sum(n.startswith(("train memory:", "memory columns measured again")) for n in after["notes"]) == 2
     assert set(after["notes"]) >= set(before["notes"])
+    # --refresh-memory --methods ti: ti's memory row measured again, zoodip's kept from memory.json
+    mem_before = json.loads((out / "memory-tiny" / "memory.json").read_text())
+    assert cmp.main(["--refresh-memory", "--methods", "ti", "--memory-arch", "tiny", "--memory-steps", "1",
+                     "--threads", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    mem = json.loads((out / "memory-tiny" / "memory.json").read_text())
+    assert [r["method"] for r in mem["rows"]] == ["zoodip", "ti"] and mem["rows"][0] == mem_before["rows"][0]
+    assert mem["rows"][1]["process_seconds"] != mem_before["rows"][1]["process_seconds"]    # measured again
+    assert set(mem["summary"]["whole_process_ratio_to_lowest"]) == {"zoodip (int8)", "ti (none)"}
+    part = json.loads((out / "report.json").read_text())
+    assert part["rows"][0]["memory_mib"] == after["rows"][0]["memory_mib"]
+    assert [n for n in part["notes"] if n.startswith("memory rows of ti measured again")]
+    assert not [n for n in part["notes"] if n.startswith("memory columns measured again")]
+    assert cmp.main(["--refresh-memory", "--methods", "dreambooth", "--memory-arch", "tiny", "--out", str(out)]) == 2
+    assert "not in the report" in json.loads(capsys.readouterr().out)["error"]
+    assert json.loads((out / "report.json").read_text()) == part                    # nothing overwritten
+    after = part
     assert cmp.main(["--refresh-memory", "--out", str(tmp_path / "nowhere")]) == 2
     assert "no report.json" in json.loads(capsys.readouterr().out)["error"]
     (tmp_path / "bad").mkdir()
@@ -193,7 +210,7 @@ def test_tuneqdm_experts_study_stores_one_set_per_expert(tiny_model, random_eval
             "--evaluator", str(random_evaluator), "--out", str(tmp_path / "n")]
     assert bench.main(argv) == 0
     res = json.loads(capsys.readouterr().out)
-    assert set(res["variants"]) == {"floor", "peqa", *bench.EXPERTS} and res["shipped"] == "tuneqdm-n4"
+    assert set(res["variants"]) == {"floor", "peqa", *bench.EXPERTS} and res["shipped"] == "tuneqdm-n2"
     for v, n in bench.EXPERTS.items():
         cfg = tomllib.loads((tmp_path / "n" / "runs" / "teal_bag" / v / "config.toml").read_text())
         assert cfg["method"] == "tuneqdm" and cfg["tuneqdm"]["num_experts"] == n

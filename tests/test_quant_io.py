@@ -6,7 +6,8 @@ import torch
 from safetensors import safe_open
 
 from quantdream.models.arch import tiny_components
-from quantdream.quant import enable_scale_training, load_scales, quantize_model, save_scales
+from quantdream.quant import (enable_scale_training, load_scales, quantize_model, quantized_layers, save_scales,
+                              scales_state_dict)
 from quantdream.quant.activations import calibrate_activations
 from quantdream.quant.io import INDEX, load_quantized, save_quantized, write_safetensors
 
@@ -122,14 +123,21 @@ def test_load_refuses_a_weights_file_that_does_not_match(tmp_path):
         load_quantized(tmp_path / "q")
 
 
-def test_scales_round_trip_and_refused_load_leaves_model_unchanged(tmp_path):
-    unet = quantize_model(tiny_components(seed=4)["unet"], "int8")
+def _trained_scales_unet(seed: int = 4):
+    """An int8 UNet with TuneQDM scales (2 experts, s_out and s_in) moved the way 400 Adam steps move them."""
+    unet = quantize_model(tiny_components(seed=seed)["unet"], "int8")
     enable_scale_training(unet, "out_in", num_experts=2)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in unet.parameters():
-            if p.requires_grad:
-                p.mul_(1.1)
-    path = save_scales(unet, tmp_path / "scales.safetensors")
+            if p.requires_grad:   # s_out ~ 1e-3 moves by tens of %, s_in (1) by ~1e-4
+                p.add_(torch.randn(p.shape, generator=g) * (0.3 * p.abs() if p.mean() < 0.5 else 1e-4))
+    return unet
+
+
+def test_scales_round_trip_and_refused_load_leaves_model_unchanged(tmp_path):
+    unet = _trained_scales_unet()
+    path = save_scales(unet, tmp_path / "scales.safetensors", dtype="float32")
     x = _unet_inputs(1)[0]
     with torch.no_grad():
         ref = unet(**x).sample
@@ -145,3 +153,34 @@ def test_scales_round_trip_and_refused_load_leaves_model_unchanged(tmp_path):
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_scales(other, tmp_path / "none.safetensors")
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        save_scales(unet, tmp_path / "x.safetensors", dtype="int8")
+
+
+def test_float16_scale_file_holds_changes_half_the_size(tmp_path):
+    from safetensors import safe_open
+    unet = _trained_scales_unet()
+    full = save_scales(unet, tmp_path / "full.safetensors", dtype="float32")
+    half = save_scales(unet, tmp_path / "half.safetensors")               # the default
+    data = sum(t.numel() for t in scales_state_dict(unet).values())
+    assert full.stat().st_size - half.stat().st_size == pytest.approx(2 * data, rel=0.01)
+    with safe_open(str(half), framework="pt") as f:
+        assert f.metadata()["encoding"] == "delta" and all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    fresh = quantize_model(tiny_components(seed=4)["unet"], "int8")
+    load_scales(fresh, half)
+    want, got = scales_state_dict(unet), scales_state_dict(fresh)
+    for name, layer in quantized_layers(unet):
+        for j in range(2):
+            for kind, start in (("s_out", layer.scale), ("s_in", torch.ones(()))):
+                k = f"{name}.{kind}.{j}"
+                change = (want[k] - start).abs()
+                # float16 keeps 11 significant bits of the change; a float16 *value* near 1 could not hold
+                # s_in's ~1e-4 change at all (spacing 2^-10 there)
+                assert ((got[k] - want[k]).abs() <= change * 2 ** -11 + 1e-7).all(), k
+    assert (got[f"{name}.s_in.0"] != 1).any()
+    x = _unet_inputs(1)[0]
+    base = quantize_model(tiny_components(seed=4)["unet"], "int8")
+    with torch.no_grad():
+        ref, out, untrained = unet(**x).sample, fresh(**x).sample, base(**x).sample
+    # what float16 loses is a thousandth of what the training changed in the output
+    assert (out - ref).norm() < 1e-3 * (ref - untrained).norm()

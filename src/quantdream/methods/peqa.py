@@ -5,19 +5,19 @@
 W_q, z, biases and everything else stay frozen; s starts at the quantizer's scale s0. The UNet is
 quantized per output channel (int8 symmetric, or ``--weights int4`` asymmetric with one group per
 row); text encoder and VAE stay float, as in TuneQDM's code. Output: OUT/scales.safetensors, the
-trained scales only (~1.3 MB on SD-1.5), which ``quantdream generate --adapter`` applies to a freshly
+trained scales only (0.33 M values: 0.65 MB as the float16 changes written by default, 1.3 MB in float32
+with ``--set peqa.file_dtype=float32``), which ``quantdream generate --adapter`` applies to a freshly
 quantized UNet. ``ScaleTuning`` is shared with TuneQDM (tuneqdm.py): the same loop with s_in and
 timestep-selected scale sets.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from . import section_name
 from .gradient import GradientConfig, GradientMethod
 
 SCALES_FILE = "scales.safetensors"
@@ -27,6 +27,7 @@ SCALES_FILE = "scales.safetensors"
 class PeqaConfig(GradientConfig):
     lr: float = 3e-6                  # ZOODiP §S1.5 / TuneQDM's script (AdamW, wd 1e-2, 400 steps)
     max_grad_norm: float = 0.0        # NOTE(paper): TuneQDM's script does not clip
+    file_dtype: str = "float16"       # scale file: float16 changes from the start (half the size) or float32 scales
 
 
 class ScaleTuning(GradientMethod):
@@ -35,6 +36,13 @@ class ScaleTuning(GradientMethod):
     default_weights = "int8"
     weight_choices = ("int8", "int4")
     mode = "out"                      # "out": s_out (PEQA); "out_in": also s_in (TuneQDM MCSU)
+
+    def __init__(self, objective, theta0, config) -> None:
+        from ..quant.scales import SCALE_DTYPES
+        if config.file_dtype not in SCALE_DTYPES:
+            raise ValueError(f"{section_name(self.name)}.file_dtype = {config.file_dtype!r}; choose one of "
+                             f"{', '.join(SCALE_DTYPES)}")
+        super().__init__(objective, theta0, config)
 
     def scale_sets(self) -> tuple[int, tuple[int, int] | None]:
         """(number of timestep experts N, S1 interval or None)."""
@@ -59,7 +67,7 @@ class ScaleTuning(GradientMethod):
                              f"per step (TuneQDM's code assumes batch 1); use --batch-size 1")
 
     def export_files(self, out: Path) -> list[Path]:
-        return [save_scale_file(self.unet, Path(out) / SCALES_FILE)]
+        return [save_scale_file(self.unet, Path(out) / SCALES_FILE, self.config.file_dtype)]
 
     def adapter_info(self) -> dict:
         return {"kind": "scales", "path": SCALES_FILE, **quant_meta(self.unet)}
@@ -83,16 +91,8 @@ def quant_meta(unet) -> dict:
     return {"weights": f"int{bits[0]}" if len(bits) == 1 else "mixed", "group_size": 0}
 
 
-def save_scale_file(unet, path: Path) -> Path:
+def save_scale_file(unet, path: Path, dtype: str = "float16") -> Path:
     """quant.save_scales' format (load_scales reads it) plus the quantization it belongs to."""
-    from ..checkpoint import atomic_write
-    from ..quant.scales import SCALES_FORMAT, SCALES_FORMAT_VERSION, scale_selector, scales_state_dict
-    sel = scale_selector(unet)
-    meta = {"format": SCALES_FORMAT, "format_version": str(SCALES_FORMAT_VERSION),
-            "mode": unet._quantdream_scale_mode, "num_experts": str(sel.num_experts),
-            "num_train_timesteps": str(sel.num_train_timesteps), "interval": json.dumps(sel.interval),
-            **{f"quantdream_{k}": str(v) for k, v in quant_meta(unet).items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = scales_state_dict(unet)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return path
+    from ..quant import save_scales
+    return save_scales(unet, path, dtype=dtype,
+                       metadata={f"quantdream_{k}": str(v) for k, v in quant_meta(unet).items()})

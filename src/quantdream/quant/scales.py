@@ -20,7 +20,8 @@ from .timestep import ScaleSelector
 
 SCALE_MODES = ("out", "out_in")
 SCALES_FORMAT = "quantdream-scales"
-SCALES_FORMAT_VERSION = 1
+SCALES_FORMAT_VERSION = 2     # 2: float16 files hold changes from the initial scales ("encoding": "delta")
+SCALE_DTYPES = {"float16": "delta", "float32": "absolute"}   # save_scales' dtype -> what the file holds
 
 
 def _layers_or_fail(model: nn.Module) -> list:
@@ -115,18 +116,42 @@ def scales_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_scales(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write only the trained scales (a small safetensors file) with how they were set up."""
+def _initial_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What each entry of scales_state_dict starts at: the quantizer's scale (s_out) and 1 (s_in)."""
+    init = {}
+    for name, layer in quantized_layers(model):
+        for kind in ("s_out", "s_in"):
+            plist = getattr(layer, kind)
+            for j in range(len(plist) if plist is not None else 0):
+                init[f"{name}.{kind}.{j}"] = (layer.scale.detach().float().cpu() if kind == "s_out"
+                                              else torch.ones(layer.weight_shape[1]))
+    return init
+
+
+def save_scales(model: nn.Module, path: str | os.PathLike, *, dtype: str = "float16",
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write only the trained scales (a small safetensors file) with how they were set up; atomic.
+
+    dtype "float32": the scales themselves, exactly. "float16": their changes from the start (s_out - s0,
+    s_in - 1), half the size; the load adds them back to the quantizer's scales, so the error is <= 2^-11 of
+    the change, not of the scale (an s_in near 1 moves by ~1e-4, below float16's spacing of 1e-3 at 1).
+    """
+    from ..checkpoint import atomic_write
     selector = scale_selector(model)
     if selector is None:
         raise ValueError("this model has no trainable scales; call enable_scale_training(model, ...) first")
+    if dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale file dtype {dtype!r}; choose one of {', '.join(SCALE_DTYPES)}")
+    tensors = scales_state_dict(model)
+    if dtype == "float16":
+        init = _initial_scales(model)
+        tensors = {k: (v - init[k]).half().contiguous() for k, v in tensors.items()}
     meta = {"format": SCALES_FORMAT, "format_version": str(SCALES_FORMAT_VERSION),
             "mode": model._quantdream_scale_mode, "num_experts": str(selector.num_experts),
             "num_train_timesteps": str(selector.num_train_timesteps),
-            "interval": json.dumps(selector.interval)}
+            "interval": json.dumps(selector.interval), "encoding": SCALE_DTYPES[dtype], **(metadata or {})}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(scales_state_dict(model), str(path), metadata=meta)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
@@ -144,9 +169,10 @@ def load_scales(model: nn.Module, path: str | os.PathLike, *, hook: bool = True)
         raise ValueError(f"{path} is not a safetensors scales file ({e})") from None
     if meta.get("format") != SCALES_FORMAT:
         raise ValueError(f"{path} is not a quantdream scales file (format={meta.get('format')!r})")
-    if meta.get("format_version") != str(SCALES_FORMAT_VERSION):
+    if meta.get("format_version") not in ("1", str(SCALES_FORMAT_VERSION)):
         raise ValueError(f"{path} was written by scales format version {meta.get('format_version')}; this "
-                         f"quantdream reads version {SCALES_FORMAT_VERSION}")
+                         f"quantdream reads versions 1 to {SCALES_FORMAT_VERSION}")
+    delta = meta.get("encoding", "absolute") == "delta"    # version 1 wrote absolute float32 scales
     mode, n = meta["mode"], int(meta["num_experts"])
     interval = json.loads(meta["interval"])
     T = int(meta["num_train_timesteps"])
@@ -176,10 +202,12 @@ def load_scales(model: nn.Module, path: str | os.PathLike, *, hook: bool = True)
     if selector is None:
         selector = enable_scale_training(model, mode, n, interval=tuple(interval) if interval else None,
                                          num_train_timesteps=T, hook=hook)
+    init = _initial_scales(model) if delta else {}
     with torch.no_grad():
         for name, layer in layers.items():
             for j in range(n):
-                layer.s_out[j].copy_(tensors[f"{name}.s_out.{j}"])
-                if mode == "out_in":
-                    layer.s_in[j].copy_(tensors[f"{name}.s_in.{j}"])
+                for kind in ("s_out", "s_in") if mode == "out_in" else ("s_out",):
+                    key = f"{name}.{kind}.{j}"
+                    value = tensors[key].float() + init[key] if delta else tensors[key]
+                    getattr(layer, kind)[j].copy_(value)
     return selector
