@@ -302,3 +302,23 @@ def test_zoodip_study_takes_reference_rows_and_resumes(tiny_model, random_evalua
     for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
         with pytest.raises(SystemExit, match="not a benchmarks/personalization.py JSON"):
             bench.main([*argv[:2], "--reference", str(bad)])
+
+
+@pytest.mark.slow
+def test_scale_file_dtype_scores_both_files_of_the_same_scales(tiny_model, random_evaluator, tmp_path, capsys):
+    from safetensors import safe_open
+    bench = load_script("scale_file_dtype")
+    argv = ["--subjects", "teal_bag", "--steps", "2", "--images-per-prompt", "1", "--prompts", "composition",
+            "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model), "--evaluator", str(random_evaluator),
+            "--out", str(tmp_path / "d")]
+    assert bench.main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    for m in bench.METHODS:
+        r = res["methods"][m]
+        assert r["file_bytes"]["float16"] < r["file_bytes"]["float32"]
+        assert all(isinstance(r[d]["world_clip_i"], float) for d in ("float32", "float16"))
+        assert abs(r["float16_minus_float32"]["world_clip_i"]) < 0.01
+        with safe_open(str(tmp_path / "d" / "runs" / "teal_bag" / f"{m}-float16" / "scales.safetensors"), "pt") as f:
+            assert f.metadata()["encoding"] == "delta"
+        with safe_open(str(tmp_path / "d" / "runs" / "teal_bag" / f"{m}-float32" / "scales.safetensors"), "pt") as f:
+            assert f.metadata()["encoding"] == "absolute"

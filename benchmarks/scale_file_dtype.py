@@ -1,0 +1,83 @@
+"""Does the float16 scale file lose anything? (peqa, tuneqdm; issue 5's storage column.) Prints one JSON object.
+
+    python benchmarks/scale_file_dtype.py --subjects teal_bag,olive_coat --threads 1
+
+Scale files hold float16 changes from the quantizer's scales by default (quant/scales.py): half the bytes of
+float32 scales. Each method is trained once per subject with ``file_dtype = float32``; the same trained scales
+are then written again as float16 changes into a copy of the run, and both runs are scored with
+``quantdream evaluate``'s protocol (same seeds, so any difference comes from the file). Output per method: the
+mean metrics of both files, their differences, and the file sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from personalization import (METRICS, add_harness_args, eval_settings, evaluate, mean, subject_dirs,  # noqa: E402
+                             subject_rows, train)
+
+METHODS = ("peqa", "tuneqdm")
+
+
+def float16_copy(run: Path, out: Path, model: str) -> Path:
+    """``run`` with its float32 scale file written again as float16 changes (the same trained scales)."""
+    from quantdream.methods.adapters import apply_scales
+    from quantdream.methods.peqa import SCALES_FILE, save_scale_file
+    from quantdream.models.load import load_pipeline
+    if (out / "run.json").is_file():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run, tmp, ignore=shutil.ignore_patterns("checkpoint.pt", "snapshots", "samples"))
+    unet = load_pipeline(model).unet
+    apply_scales(unet, run / SCALES_FILE)
+    save_scale_file(unet, tmp / SCALES_FILE, "float16")
+    tmp.rename(out)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_harness_args(ap, "out/bench_scale_file_dtype")
+    ap.add_argument("--steps", type=int, default=0, help="steps of every run (default: each method's)")
+    a = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(a.threads)
+    from quantdream.methods.peqa import SCALES_FILE
+    from quantdream.train import EMBEDDED_DEFAULTS
+    out = Path(a.out).resolve()
+    rows, sizes = [], {}
+    for subject in subject_dirs(a):
+        runs = {}
+        for m in METHODS:
+            full = train(subject, f"{m}-float32", m, {"file_dtype": "float32"},
+                         a.steps or EMBEDDED_DEFAULTS[m]["steps"],
+                         out / "runs" / subject.name / f"{m}-float32", a.seed, a.threads, a.model)
+            half = float16_copy(full, out / "runs" / subject.name / f"{m}-float16", a.model)
+            runs.update({f"{m}-float32": full, f"{m}-float16": half})
+            sizes.setdefault(m, {"float32": (full / SCALES_FILE).stat().st_size,
+                                 "float16": (half / SCALES_FILE).stat().st_size})
+        settings = eval_settings(a)
+        rows += subject_rows(subject.name, runs, evaluate(runs, out / "eval" / subject.name, settings, a.evaluator))
+    result = {}
+    for m in METHODS:
+        means = {d: {k: mean([r[k] for r in rows if r["variant"] == f"{m}-{d}"]) for k in METRICS}
+                 for d in ("float32", "float16")}
+        per_subject = {k: max(abs(r16[k] - r32[k]) for r32 in rows if r32["variant"] == f"{m}-float32"
+                              for r16 in rows if r16["variant"] == f"{m}-float16" and r16["subject"] == r32["subject"])
+                       for k in METRICS}
+        result[m] = {**means, "float16_minus_float32": {k: means["float16"][k] - means["float32"][k] for k in METRICS},
+                     "largest_subject_difference": per_subject, "file_bytes": sizes[m]}
+    print(json.dumps({"subjects": sorted({r["subject"] for r in rows}), "seed": a.seed,
+                      "images_per_prompt": a.images_per_prompt, "methods": result, "per_subject": rows},
+                     indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
