@@ -10,13 +10,13 @@ elsewhere). The rule quantdream ships is [500, 1000), the high-noise half (metho
 is trained beside [0, 500), [250, 750), [500, 900) and PEQA (the scales used at every t).
 
 experts: ``tuneqdm`` (MCSU: output- and input-channel scales) with N = 1, 2, 4 timestep experts, beside
-PEQA. TuneQDM's script uses N = 4 (quantdream's default until 2026-11-25), the T-note's CIFAR-10 ablation found
-N = 2 best (the default now: level with N = 4 here, half its file), and the scale file grows with N (one
-output+input set per expert: 0.62 M values, 1.24 MB as float16 changes, on SD-1.5).
+PEQA. TuneQDM's script uses N = 4 (the default here), the T-note's CIFAR-10 ablation found N = 2 best, and
+the scale file grows with N (one output+input set per expert: 0.61 M values, 1.3 MB as float16 changes, on
+SD-1.5).
 
 mcsu (beyond the paper): at TuneQDM's one rate (3e-6) the input scales, which start at 1, barely move; here
 they get their own rate (``--set tuneqdm.lr_in=3e-3``, the same relative step as the output scales) at N = 1
-and N = 4, beside PEQA and N = 4 at one rate (the default when it ran; copy the experts study's runs/SUBJECT/{peqa,tuneqdm-n4} into this
+and N = 4, beside PEQA and the default (copy the experts study's runs/SUBJECT/{peqa,tuneqdm-n4} into this
 study's --out to reuse them: a finished run with the same settings is kept).
 
 Every variant is trained on each subject with the same seed and its method's step count, and scored with
@@ -40,7 +40,7 @@ STUDIES = {   # variant -> (method, its settings section); the shipped choice of
     "interval": ({"peqa": ("peqa", {})} | {k: ("tuneqdm-s1", {"t_low": lo, "t_high": hi})
                                            for k, (lo, hi) in INTERVALS.items()}, "s1-high"),
     "experts": ({"peqa": ("peqa", {})} | {k: ("tuneqdm", {"num_experts": n}) for k, n in EXPERTS.items()},
-                "tuneqdm-n2"),
+                "tuneqdm-n4"),
     "mcsu": ({"peqa": ("peqa", {}), "tuneqdm-n4": ("tuneqdm", {"num_experts": 4})}
              | {f"tuneqdm-n{n}-lr-in": ("tuneqdm", {"num_experts": n, "lr_in": LR_IN}) for n in (1, 4)}, "tuneqdm-n4"),
 }

@@ -210,7 +210,7 @@ def test_tuneqdm_experts_study_stores_one_set_per_expert(tiny_model, random_eval
             "--evaluator", str(random_evaluator), "--out", str(tmp_path / "n")]
     assert bench.main(argv) == 0
     res = json.loads(capsys.readouterr().out)
-    assert set(res["variants"]) == {"floor", "peqa", *bench.EXPERTS} and res["shipped"] == "tuneqdm-n2"
+    assert set(res["variants"]) == {"floor", "peqa", *bench.EXPERTS} and res["shipped"] == "tuneqdm-n4"
     for v, n in bench.EXPERTS.items():
         cfg = tomllib.loads((tmp_path / "n" / "runs" / "teal_bag" / v / "config.toml").read_text())
         assert cfg["method"] == "tuneqdm" and cfg["tuneqdm"]["num_experts"] == n

@@ -13,7 +13,7 @@ EPILOG = """examples:
   quantdream personalize --config run.toml --set zoodip.n=4 --set zoodip.sg=false --out runs/ablation
   quantdream personalize --config run.toml --out runs/my-bag --resume      # after Ctrl-C
   quantdream personalize --images photos/ --init-word bag --method dreambooth --out runs/db   # prompt "sks bag"
-  quantdream personalize --images photos/ --init-word bag --method tuneqdm --set tuneqdm.num_experts=4 --out runs/tq
+  quantdream personalize --images photos/ --init-word bag --method tuneqdm --set tuneqdm.num_experts=2 --out runs/tq
   quantdream generate "a photo of {} on the beach" --adapter runs/tq        # any method's output folder
 
 methods: zoodip, zoodip-fast, ti, gf-ti learn a new token (learned_embeds.safetensors); dreambooth (unet/), lora and

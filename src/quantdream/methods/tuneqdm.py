@@ -16,12 +16,13 @@ follow the prompt; tuning only there should keep prompt fidelity. [UNVERIFIED] T
 interval. Alternatives: ``--set tuneqdm_s1.t_low=0 --set tuneqdm_s1.t_high=500`` etc. Measured
 (benchmarks/tuneqdm_study.py --study interval, 2 subjects): [500, 1000) has the best subject and prompt fidelity of
 [0, 500), [250, 750), [500, 900) and PEQA's every-t scales (docs/personalization.md).
-N: 2, the best of N = 1, 2, 4 in the T-note's CIFAR-10 ablation (TuneQDM's script example uses
-``--num_experts=4``: ``--set tuneqdm.num_experts=4``). Measured here (benchmarks/tuneqdm_study.py --study experts,
-4 subjects): N=2 and N=4 level (N=2 +0.013 world CLIP-I, N=4 +0.014 prompt accuracy); N=1 renders as PEQA, since
-at lr 3e-6 Adam moves s_in (init 1) by <= 5e-4 in 400 steps while s_out (~1e-3) moves by ~100% (TuneQDM's code:
-the same rate and init). The scale file holds N x 0.62 M values on SD-1.5; as float16 changes (peqa.py) N=2 is
-2.5 MB, the size of one float32 set that ZOODiP's Table 1 prints for TuneQDM.
+N: 4 (TuneQDM's script ``--num_experts=4``, the only SD setting published); NOTE(paper): the T-note's
+CIFAR-10 ablation found N=2 best; ``--set tuneqdm.num_experts=2``. Measured here: on 4 subjects
+(benchmarks/tuneqdm_study.py --study experts) N=2 and N=4 level; on all 10 (benchmarks/comparison.py
+--refresh-methods) N=2 +0.015 world CLIP-I but -0.040 prompt accuracy, below PEQA's, so N=4 stays. N=1 renders
+as PEQA, since at lr 3e-6 Adam moves s_in (init 1) by <= 5e-4 in 400 steps while s_out (~1e-3) moves by ~100%
+(TuneQDM's code: the same rate and init). The scale file holds N x 0.61 M values on SD-1.5, as float16 changes
+(peqa.py): 5.2 MB at N=4, 2.6 MB at N=2 (ZOODiP's Table 1 prints 2.48 MB, one float32 set).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from .peqa import PeqaConfig, ScaleTuning
 
 @dataclass(frozen=True)
 class TuneQDMConfig(PeqaConfig):
-    num_experts: int = 2              # N: the T-note's ablation (the script example: 4)
+    num_experts: int = 4              # N, TuneQDM's script
     mcsu: bool = True                 # train s_in as well (off: TAS only, the ablation row)
     lr_in: float = 0.0                # s_in's own rate; 0: lr (TuneQDM's code). Beyond the paper, see docs
 
