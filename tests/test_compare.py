@@ -40,7 +40,7 @@ def compared(tiny_model, random_evaluator, tmp_path_factory):
 def test_report_has_table1_row_per_method(compared):
     md = (compared / "report.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| method |"))
-    for col in ("train memory (MiB)", "storage", "world CLIP-T", "world CLIP-I", "DINO stand-in (EffNet-Lite0)",
+    for col in ("train memory (MiB)", "bench storage", "storage", "world CLIP-T", "world CLIP-I", "DINO stand-in (EffNet-Lite0)",
                 "prompt acc.", "UNet passes", "time (s)"):
         assert col in header, col
     ncols = header.count("|")

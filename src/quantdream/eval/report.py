@@ -51,12 +51,13 @@ ROW_KEYS = ["method", "status", "note", "family", "gradient_free", "weights", "r
 FIDELITY_KEYS = ("clip_i", "world_clip_i", "effnet")
 # (key, header) of the Table-1 table; the real CLIP/DINO columns appear only when a run has them
 TABLE_COLUMNS = [("weights", "quant"), ("gradient_free", "grad-free"), ("memory_mib", "train memory (MiB)"),
-                 ("run_peak_mib", "in-run peak (MiB)"), ("storage_bytes", "storage"),
+                 ("memory_storage_bytes", "bench storage"), ("run_peak_mib", "in-run peak (MiB)"),
+                 ("storage_bytes", "storage"),
                  ("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino", "DINO"),
                  ("world_clip_t", "world CLIP-T"), ("world_clip_i", "world CLIP-I"),
                  ("effnet", "DINO stand-in (EffNet-Lite0)"), ("prompt_accuracy", "prompt acc."),
                  ("steps", "steps"), ("unet_forward_passes", "UNet passes"), ("seconds", "time (s)")]
-OPTIONAL_COLUMNS = ("clip_t", "clip_i", "dino")
+OPTIONAL_COLUMNS = ("clip_t", "clip_i", "dino", "memory_storage_bytes")
 
 
 # ----------------------------------------------------------------------------- rows
@@ -308,7 +309,8 @@ def build_report(rows: list[dict], *, subject: dict, settings: dict, evaluation:
     if mkey == "memory_mib":
         arch = next((r["memory_arch"] for r in rows if r.get("memory_arch")), "?")
         out_notes.append(f"train memory: the memory bench on the {arch} architecture with random weights, each method "
-                         f"in a fresh subprocess (CUDA max allocated on a GPU, training VmHWM on CPU)")
+                         f"in a fresh subprocess (CUDA max allocated on a GPU, training VmHWM on CPU); bench "
+                         f"storage: the output files of that bench run (the paper's storage column)")
     out_notes.append("in-run peak: measured inside the compare process while training (after earlier methods "
                      "ran in the same process); storage: the run's output files; time: the training loop only")
     if evaluation:
