@@ -157,6 +157,24 @@ def test_scales_round_trip_and_refused_load_leaves_model_unchanged(tmp_path):
         save_scales(unet, tmp_path / "x.safetensors", dtype="int8")
 
 
+def test_format_1_scale_file_still_loads(tmp_path):
+    """Files written before format 2: absolute float32 scales, no "encoding" key."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    unet = _trained_scales_unet()
+    new = save_scales(unet, tmp_path / "new.safetensors", dtype="float32")
+    with safe_open(str(new), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "encoding"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={**meta, "format_version": "1"})
+    fresh = quantize_model(tiny_components(seed=4)["unet"], "int8")
+    load_scales(fresh, tmp_path / "v1.safetensors")
+    assert all(torch.equal(v, scales_state_dict(fresh)[k]) for k, v in scales_state_dict(unet).items())
+    save_file(tensors, str(tmp_path / "v9.safetensors"), metadata={**meta, "format_version": "9"})
+    with pytest.raises(ValueError, match="format version 9; this quantdream reads versions 1 to 2"):
+        load_scales(quantize_model(tiny_components(seed=4)["unet"], "int8"), tmp_path / "v9.safetensors")
+
+
 def test_float16_scale_file_holds_changes_half_the_size(tmp_path):
     from safetensors import safe_open
     unet = _trained_scales_unet()
