@@ -322,3 +322,29 @@ def test_scale_file_dtype_scores_both_files_of_the_same_scales(tiny_model, rando
             assert f.metadata()["encoding"] == "delta"
         with safe_open(str(tmp_path / "d" / "runs" / "teal_bag" / f"{m}-float32" / "scales.safetensors"), "pt") as f:
             assert f.metadata()["encoding"] == "absolute"
+
+
+def test_token_geometry_measures_moves_against_ti(tmp_path, capsys):
+    """TI's own move has cosine 1 with itself; a move orthogonal to it 0; lengths as written."""
+    import torch
+    from safetensors.torch import save_file
+    from quantdream.models.load import load_pipeline
+    bench = load_script("token_geometry")
+    pipe = load_pipeline("tiny")
+    e0 = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("bag", add_special_tokens=False).input_ids[0]]
+    move = torch.zeros(768)
+    move[0] = 3.0
+    other = torch.zeros(768)
+    other[1] = 4.0
+    for name, d in (("ti", move), ("half", 0.5 * move), ("orth", other)):
+        (tmp_path / name).mkdir()
+        save_file({"<teal_bag>": (e0.detach() + d).reshape(1, -1).contiguous()},
+                  str(tmp_path / name / "learned_embeds.safetensors"))
+    argv = ["--subjects", "teal_bag", "--ti", str(tmp_path / "ti"), "--variant", f"half={tmp_path}/half",
+            "--variant", f"orth={tmp_path}/orth"]
+    assert bench.main(argv) == 0
+    v = json.loads(capsys.readouterr().out)["variants"]
+    assert v["ti"]["cosine_with_ti_change"] == pytest.approx(1.0) and v["ti"]["change_norm"] == pytest.approx(3.0)
+    assert v["half"]["cosine_with_ti_change"] == pytest.approx(1.0) and v["half"]["change_norm"] == pytest.approx(1.5)
+    assert v["orth"]["cosine_with_ti_change"] == pytest.approx(0.0, abs=1e-6)
+    assert v["orth"]["change_norm"] == pytest.approx(4.0)
