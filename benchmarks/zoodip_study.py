@@ -22,7 +22,7 @@ checks that the reference's zoodip rows are reproduced.
 long: the embedded default ([800, 1000), lr 1e-2) trained 2x, 3x and 6x as long (3,000, 4,500 and 9,000 steps); with
 --reference (the personalization.py JSON at the same default) its 1,500-step rows are the reference's "zoodip". Does
 ZOODiP keep learning past 1,500 steps at the new interval? (At the paper's [500, 900) it stopped rising after 500-1,000
-steps.)
+steps.) zoodip-t800-4500-cosine: 4,500 steps with the step size decayed to 0.1 x (cosine; beyond the paper).
 
 fast: zoodip-fast (16 vocabulary directions, 1/3 of ZOODiP's passes) at ZOODiP's embedded interval [800, 1000);
 compare with personalization-10subjects-puts800.json's budget-vocab16 (made at the paper's [500, 900)). The study
@@ -54,7 +54,8 @@ STUDIES = {   # variant -> (method, settings section, steps; 0 = the method's em
     "best": {"zoodip": ("zoodip", PAPER_PUTS, 0), "zoodip-t800": ("zoodip", T800, 0),
              "zoodip-t800-n8": ("zoodip", {**T800, "n": 8}, 500)},
     "long": {"zoodip-t800-3000": ("zoodip", T800, 3000), "zoodip-t800-4500": ("zoodip", T800, 4500),
-             "zoodip-t800-9000": ("zoodip", T800, 9000)},
+             "zoodip-t800-9000": ("zoodip", T800, 9000),
+             "zoodip-t800-4500-cosine": ("zoodip", {**T800, "schedule": "cosine"}, 4500)},
     "fast": {"zoodip-fast-t800": ("zoodip-fast", T800, 0)},         # zoodip-fast's 500 steps at ZOODiP's interval
 }
 
