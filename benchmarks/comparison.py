@@ -4,7 +4,7 @@
     python benchmarks/comparison.py --subjects teal_bag,olive_coat --methods zoodip,ti,gf-ti
     python benchmarks/comparison.py ... --resume                      # after an interruption
     python benchmarks/comparison.py --refresh-memory --memory-low-memory --out DIR   # new memory rows, same report
-    python benchmarks/comparison.py --refresh-memory --memory-low-memory --methods peqa,tuneqdm --out DIR   # two rows
+    python benchmarks/comparison.py --refresh-memory --memory-low-memory --methods peqa,tuneqdm --out DIR  # 2 rows
     python benchmarks/comparison.py --refresh-methods zoodip --out DIR  # one method trained again, same report
     python benchmarks/comparison.py --subjects teal_bag --methods zoodip,ti --steps 2 --memory-arch tiny \\
         --model /path/to/tiny-sd --images-per-prompt 1 --eval-steps 2     # a smoke run

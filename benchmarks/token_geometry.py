@@ -31,7 +31,8 @@ def learned_row(run: Path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ti", required=True, help="TI run folders, with {subject}")
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=PATTERN", help="run folders, with {subject}")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=PATTERN",
+                    help="run folders, with {subject}")
     ap.add_argument("--subjects", default="", help="comma-separated names under examples/subjects (default all)")
     ap.add_argument("--model", default="tiny")
     a = ap.parse_args(argv)
