@@ -259,9 +259,11 @@ def test_zoodip_study_variants_keep_zoodips_budget():
     assert studies["best"]["zoodip-t800-n8"] == ("zoodip", {"t_low": 800, "t_high": 1000, "n": 8}, 500)
     from quantdream.train import EMBEDDED_DEFAULTS
     default = EMBEDDED_DEFAULTS["zoodip"]
-    for name, (method, section, steps) in studies["long"].items():   # the default, only longer: the reference's
-        assert method == "zoodip" and steps > default["steps"], name  # "zoodip" rows are its 1,500-step point
-        assert {**default["section"], **section} == default["section"], name
+    for name, (method, section, steps) in studies["long"].items():   # the default, only longer (one variant also
+        assert method == "zoodip" and steps > default["steps"], name  # decays its step size): the reference's
+        changed = {k for k, v in section.items() if default["section"].get(k) != v}   # "zoodip" rows are its
+        assert changed <= {"schedule"}, name                                           # 1,500-step point
+    assert studies["long"]["zoodip-t800-9000"] == ("zoodip", {"t_low": 800, "t_high": 1000}, 9000)
     assert studies["fast"]["zoodip-fast-t800"] == ("zoodip-fast", {"t_low": 800, "t_high": 1000}, 0)
 
 
