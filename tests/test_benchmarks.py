@@ -10,6 +10,13 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def harness_argv(model, evaluator, out, *extra) -> list[str]:
+    """personalization.add_harness_args' options for a smoke run: teal_bag, 1 image of the composition prompts,
+    2 evaluation steps, one thread, the test model and evaluator."""
+    return ["--subjects", "teal_bag", "--images-per-prompt", "1", "--prompts", "composition", "--eval-steps", "2",
+            "--threads", "1", "--model", str(model), "--evaluator", str(evaluator), "--out", str(out), *extra]
+
+
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -45,9 +52,8 @@ def test_budget_vocab16_is_zoodip_fast():
 @pytest.mark.slow
 def test_personalization_benchmark_end_to_end_and_resume(tiny_model, random_evaluator, tmp_path, capsys):
     bench = load_script("personalization")
-    argv = ["--subjects", "teal_bag", "--variants", "zoodip,ti,budget-cosine", "--zoodip-steps", "6", "--ti-steps", "3",
-            "--images-per-prompt", "1", "--prompts", "composition", "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model),
-            "--evaluator", str(random_evaluator), "--out", str(tmp_path / "b")]
+    argv = harness_argv(tiny_model, random_evaluator, tmp_path / "b", "--variants", "zoodip,ti,budget-cosine",
+                        "--zoodip-steps", "6", "--ti-steps", "3")
     assert bench.main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     V = res["variants"]
@@ -184,9 +190,7 @@ def test_comparison_benchmark_end_to_end(tiny_model, random_evaluator, tmp_path,
 @pytest.mark.slow
 def test_tuneqdm_interval_study_trains_every_interval(tiny_model, random_evaluator, tmp_path, capsys):
     bench = load_script("tuneqdm_study")
-    argv = ["--subjects", "teal_bag", "--steps", "2", "--images-per-prompt", "1", "--prompts", "composition",
-            "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model), "--evaluator", str(random_evaluator),
-            "--out", str(tmp_path / "s1")]
+    argv = harness_argv(tiny_model, random_evaluator, tmp_path / "s1", "--steps", "2")
     assert bench.main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["study"] == "interval" and set(res["variants"]) == {"floor", "peqa", *bench.INTERVALS}
@@ -205,9 +209,7 @@ def test_tuneqdm_interval_study_trains_every_interval(tiny_model, random_evaluat
 @pytest.mark.slow
 def test_tuneqdm_experts_study_stores_one_set_per_expert(tiny_model, random_evaluator, tmp_path, capsys):
     bench = load_script("tuneqdm_study")
-    argv = ["--study", "experts", "--subjects", "teal_bag", "--steps", "2", "--images-per-prompt", "1",
-            "--prompts", "composition", "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model),
-            "--evaluator", str(random_evaluator), "--out", str(tmp_path / "n")]
+    argv = harness_argv(tiny_model, random_evaluator, tmp_path / "n", "--study", "experts", "--steps", "2")
     assert bench.main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res["variants"]) == {"floor", "peqa", *bench.EXPERTS} and res["shipped"] == "tuneqdm-n4"
@@ -278,9 +280,7 @@ def test_zoodip_study_takes_reference_rows_and_resumes(tiny_model, random_evalua
                            {**row, "variant": "budget-paper", "subject": "teal_bag"}]}
     (tmp_path / "ref.json").write_text(json.dumps(ref))
     argv = ["--study", "best", "--variants", "zoodip-t800", "--reference", str(tmp_path / "ref.json"),
-            "--subjects", "teal_bag", "--steps", "2", "--images-per-prompt", "1", "--prompts", "composition",
-            "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model), "--evaluator", str(random_evaluator),
-            "--out", str(tmp_path / "z")]
+            *harness_argv(tiny_model, random_evaluator, tmp_path / "z", "--steps", "2")]
     assert bench.main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     V = res["variants"]
@@ -310,9 +310,7 @@ def test_zoodip_study_takes_reference_rows_and_resumes(tiny_model, random_evalua
 def test_scale_file_dtype_scores_both_files_of_the_same_scales(tiny_model, random_evaluator, tmp_path, capsys):
     from safetensors import safe_open
     bench = load_script("scale_file_dtype")
-    argv = ["--subjects", "teal_bag", "--steps", "2", "--images-per-prompt", "1", "--prompts", "composition",
-            "--eval-steps", "2", "--threads", "1", "--model", str(tiny_model), "--evaluator", str(random_evaluator),
-            "--out", str(tmp_path / "d")]
+    argv = harness_argv(tiny_model, random_evaluator, tmp_path / "d", "--steps", "2")
     assert bench.main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     for m in bench.METHODS:
