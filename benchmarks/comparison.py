@@ -326,9 +326,10 @@ def refresh_memory(a) -> int:
             if [m for m in only if m not in methods]:
                 raise ValueError(f"--methods: {', '.join(m for m in only if m not in methods)} not in the report "
                                  f"(it has {', '.join(methods)})")
-            if not memory_path(a, out).is_file():
-                raise ValueError(f"--refresh-memory --methods: no {memory_path(a, out)} to keep the other rows from")
-            before = json.loads(memory_path(a, out).read_text())
+            path = memory_path(a, out)
+            if not path.is_file():
+                raise ValueError(f"--refresh-memory --methods: no {path} to keep the other rows from")
+            before = json.loads(path.read_text())
     except ValueError as e:
         print(json.dumps({"error": str(e)}))
         return 2

@@ -104,28 +104,23 @@ def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def scales_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<layer>.s_out.<j>": (m, G), "<layer>.s_in.<j>": (n_in,)}``, detached fp32 copies."""
-    sd = {}
+def _scale_entries(model: nn.Module):
+    """``("<layer>.<kind>.<j>", kind, parameter, layer)`` for every trainable scale set (kind: s_out, s_in)."""
     for name, layer in quantized_layers(model):
         for kind in ("s_out", "s_in"):
-            plist = getattr(layer, kind)
-            if plist is not None:
-                for j, p in enumerate(plist):
-                    sd[f"{name}.{kind}.{j}"] = p.detach().float().cpu().contiguous()
-    return sd
+            for j, p in enumerate(getattr(layer, kind) or []):
+                yield f"{name}.{kind}.{j}", kind, p, layer
+
+
+def scales_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<layer>.s_out.<j>": (m, G), "<layer>.s_in.<j>": (n_in,)}``, detached fp32 copies."""
+    return {key: p.detach().float().cpu().contiguous() for key, _, p, _ in _scale_entries(model)}
 
 
 def _initial_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """What each entry of scales_state_dict starts at: the quantizer's scale (s_out) and 1 (s_in)."""
-    init = {}
-    for name, layer in quantized_layers(model):
-        for kind in ("s_out", "s_in"):
-            plist = getattr(layer, kind)
-            for j in range(len(plist) if plist is not None else 0):
-                init[f"{name}.{kind}.{j}"] = (layer.scale.detach().float().cpu() if kind == "s_out"
-                                              else torch.ones(layer.weight_shape[1]))
-    return init
+    return {key: layer.scale.detach().float().cpu() if kind == "s_out" else torch.ones(p.shape)
+            for key, kind, p, layer in _scale_entries(model)}
 
 
 def save_scales(model: nn.Module, path: str | os.PathLike, *, dtype: str = "float16",
