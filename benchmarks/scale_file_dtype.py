@@ -1,12 +1,12 @@
-"""Does the float16 scale file lose anything? (peqa, tuneqdm; issue 5's storage column.) Prints one JSON object.
+"""Do the int8 and float16 scale files lose anything? (peqa, tuneqdm; issue 5's storage column.) One JSON object.
 
     python benchmarks/scale_file_dtype.py --subjects teal_bag,olive_coat --threads 1
 
-Scale files hold float16 changes from the quantizer's scales by default (quant/scales.py): half the bytes of
-float32 scales. Each method is trained once per subject with ``file_dtype = float32``; the same trained scales
-are then written again as float16 changes into a copy of the run, and both runs are scored with
-``quantdream evaluate``'s protocol (same seeds, so any difference comes from the file). Output per method: the
-mean metrics of both files, their differences, and the file sizes.
+Scale files hold int8 changes from the quantizer's scales by default (quant/scales.py): a quarter of the bytes of
+float32 scales (float16 changes: half). Each method is trained once per subject with ``file_dtype = float32``;
+the same trained scales are then written again as float16 and as int8 changes, each into a copy of the run, and
+every run is scored with ``quantdream evaluate``'s protocol (same seeds, so any difference comes from the
+file). Output per method: the mean metrics of each file, their differences from float32, and the file sizes.
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from personalization import (METRICS, add_harness_args, eval_settings, evaluate,
                              subject_rows, train)
 
 METHODS = ("peqa", "tuneqdm")
+COPIES = ("float16", "int8")       # file dtypes written from the float32 run's scales
 
 
-def float16_copy(run: Path, out: Path, model: str) -> Path:
-    """``run`` with its float32 scale file written again as float16 changes (the same trained scales)."""
+def rewritten_copy(run: Path, out: Path, model: str, dtype: str) -> Path:
+    """``run`` with its float32 scale file written again in ``dtype`` (the same trained scales)."""
     from quantdream.methods.adapters import apply_scales
     from quantdream.methods.peqa import SCALES_FILE, save_scale_file
     from quantdream.models.load import load_pipeline
@@ -36,7 +37,7 @@ def float16_copy(run: Path, out: Path, model: str) -> Path:
     shutil.copytree(run, tmp, ignore=shutil.ignore_patterns("checkpoint.pt", "snapshots", "samples"))
     unet = load_pipeline(model).unet
     apply_scales(unet, run / SCALES_FILE)
-    save_scale_file(unet, tmp / SCALES_FILE, "float16")
+    save_scale_file(unet, tmp / SCALES_FILE, dtype)
     tmp.rename(out)
     return out
 
@@ -58,21 +59,22 @@ def main(argv=None) -> int:
             full = train(subject, f"{m}-float32", m, {"file_dtype": "float32"},
                          a.steps or EMBEDDED_DEFAULTS[m]["steps"],
                          out / "runs" / subject.name / f"{m}-float32", a.seed, a.threads, a.model)
-            half = float16_copy(full, out / "runs" / subject.name / f"{m}-float16", a.model)
-            runs.update({f"{m}-float32": full, f"{m}-float16": half})
-            sizes.setdefault(m, {"float32": (full / SCALES_FILE).stat().st_size,
-                                 "float16": (half / SCALES_FILE).stat().st_size})
+            runs[f"{m}-float32"] = full
+            for d in COPIES:
+                runs[f"{m}-{d}"] = rewritten_copy(full, out / "runs" / subject.name / f"{m}-{d}", a.model, d)
+            sizes.setdefault(m, {d: (runs[f"{m}-{d}"] / SCALES_FILE).stat().st_size for d in ("float32", *COPIES)})
         settings = eval_settings(a)
         rows += subject_rows(subject.name, runs, evaluate(runs, out / "eval" / subject.name, settings, a.evaluator))
     result = {}
     for m in METHODS:
         means = {d: {k: mean([r[k] for r in rows if r["variant"] == f"{m}-{d}"]) for k in METRICS}
-                 for d in ("float32", "float16")}
-        per_subject = {k: max(abs(r16[k] - r32[k]) for r32 in rows if r32["variant"] == f"{m}-float32"
-                              for r16 in rows if r16["variant"] == f"{m}-float16" and r16["subject"] == r32["subject"])
-                       for k in METRICS}
-        result[m] = {**means, "float16_minus_float32": {k: means["float16"][k] - means["float32"][k] for k in METRICS},
-                     "largest_subject_difference": per_subject, "file_bytes": sizes[m]}
+                 for d in ("float32", *COPIES)}
+        by_subject = {(r["variant"], r["subject"]): r for r in rows}
+        largest = {d: {k: max(abs(by_subject[f"{m}-{d}", s][k] - by_subject[f"{m}-float32", s][k])
+                              for v, s in by_subject if v == f"{m}-float32") for k in METRICS} for d in COPIES}
+        result[m] = {**means, "minus_float32": {d: {k: means[d][k] - means["float32"][k] for k in METRICS}
+                                                for d in COPIES},
+                     "largest_subject_difference": largest, "file_bytes": sizes[m]}
     print(json.dumps({"subjects": sorted({r["subject"] for r in rows}), "seed": a.seed,
                       "images_per_prompt": a.images_per_prompt, "methods": result, "per_subject": rows},
                      indent=1, default=float))

@@ -313,15 +313,16 @@ def test_scale_file_dtype_scores_both_files_of_the_same_scales(tiny_model, rando
     argv = harness_argv(tiny_model, random_evaluator, tmp_path / "d", "--steps", "2")
     assert bench.main(argv) == 0
     res = json.loads(capsys.readouterr().out)
+    encodings = {"float32": "absolute", "float16": "delta", "int8": "delta-int8"}
     for m in bench.METHODS:
         r = res["methods"][m]
-        assert r["file_bytes"]["float16"] < r["file_bytes"]["float32"]
-        assert all(isinstance(r[d]["world_clip_i"], float) for d in ("float32", "float16"))
-        assert abs(r["float16_minus_float32"]["world_clip_i"]) < 0.01
-        with safe_open(str(tmp_path / "d" / "runs" / "teal_bag" / f"{m}-float16" / "scales.safetensors"), "pt") as f:
-            assert f.metadata()["encoding"] == "delta"
-        with safe_open(str(tmp_path / "d" / "runs" / "teal_bag" / f"{m}-float32" / "scales.safetensors"), "pt") as f:
-            assert f.metadata()["encoding"] == "absolute"
+        assert r["file_bytes"]["int8"] < r["file_bytes"]["float16"] < r["file_bytes"]["float32"]
+        for d in bench.COPIES:
+            assert isinstance(r[d]["world_clip_i"], float)
+            assert abs(r["minus_float32"][d]["world_clip_i"]) < 0.01
+        for d, encoding in encodings.items():
+            with safe_open(str(tmp_path / "d" / "runs" / "teal_bag" / f"{m}-{d}" / "scales.safetensors"), "pt") as f:
+                assert f.metadata()["encoding"] == encoding
 
 
 def test_token_geometry_measures_moves_against_ti(tmp_path, capsys):

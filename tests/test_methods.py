@@ -159,9 +159,9 @@ def test_export_load_round_trip(tiny_model, name, tmp_path):
         assert out["kind"] == "scales" and out["prompt_text"] == "sks bag"
         frozen = load_pipe(tiny_model).unet
         method_class(name).prepare_model(None, None, frozen, "int8", r.method.config)
-        for t in (100, 300, 600, 900):             # float16 changes: a thousandth of what training changed
+        for t in (100, 300, 600, 900):             # int8 changes: a hundredth of what training changed
             got, want = unet_out(pipe.unet, t), unet_out(r.unet, t)
-            assert (got - want).norm() <= 1e-3 * (want - unet_out(frozen, t)).norm(), t
+            assert (got - want).norm() <= 1e-2 * (want - unet_out(frozen, t)).norm(), t
 
 
 # ----------------------------------------------------------------------------- TuneQDM math
@@ -193,7 +193,7 @@ def test_tuneqdm_lr_in_gives_input_scales_their_own_rate(tiny_model):
     assert sum(moved) > len(layers) // 2
     with pytest.raises(ValueError, match="mcsu"):
         build(tiny_model, "tuneqdm", mcsu=False, lr_in=1e-3)
-    with pytest.raises(ValueError, match=r"tuneqdm_s2.file_dtype = 'fp8'; choose one of float16, float32"):
+    with pytest.raises(ValueError, match=r"tuneqdm_s2.file_dtype = 'fp8'; choose one of int8, float16, float32"):
         build(tiny_model, "tuneqdm-s2", file_dtype="fp8")
 
 

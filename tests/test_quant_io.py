@@ -153,33 +153,90 @@ def test_scales_round_trip_and_refused_load_leaves_model_unchanged(tmp_path):
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_scales(other, tmp_path / "none.safetensors")
-    with pytest.raises(ValueError, match="dtype 'int8'"):
-        save_scales(unet, tmp_path / "x.safetensors", dtype="int8")
+    with pytest.raises(ValueError, match="dtype 'int4'; choose one of int8, float16, float32"):
+        save_scales(unet, tmp_path / "x.safetensors", dtype="int4")
 
 
-def test_format_1_scale_file_still_loads(tmp_path):
-    """Files written before format 2: absolute float32 scales, no "encoding" key."""
-    from safetensors import safe_open
+def _old_format_file(unet, path, version: str, encoding: str | None):
+    """A scale file as formats 1 and 2 wrote it: one tensor per layer and set, named "<layer>.<kind>.<j>"."""
+    from safetensors.torch import save_file
+    meta = {"format": "quantdream-scales", "format_version": version, "mode": "out_in", "num_experts": "2",
+            "num_train_timesteps": "1000", "interval": "null", **({"encoding": encoding} if encoding else {})}
+    tensors = scales_state_dict(unet)
+    if encoding == "delta":
+        start = {f"{name}.{kind}.{j}": layer.scale if kind == "s_out" else 1
+                 for name, layer in quantized_layers(unet) for kind in ("s_out", "s_in") for j in range(2)}
+        tensors = {k: (v - start[k]).half() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def test_format_1_and_2_scale_files_still_load(tmp_path):
+    """Format 1: absolute float32 scales, no "encoding" key; format 2: float16 changes; both per layer."""
+    unet = _trained_scales_unet()
+    fresh = quantize_model(tiny_components(seed=4)["unet"], "int8")
+    load_scales(fresh, _old_format_file(unet, tmp_path / "v1.safetensors", "1", None))
+    assert all(torch.equal(v, scales_state_dict(fresh)[k]) for k, v in scales_state_dict(unet).items())
+    fresh = quantize_model(tiny_components(seed=4)["unet"], "int8")
+    load_scales(fresh, _old_format_file(unet, tmp_path / "v2.safetensors", "2", "delta"))
+    got = scales_state_dict(fresh)
+    assert all(torch.allclose(v, got[k], rtol=0, atol=1e-6) for k, v in scales_state_dict(unet).items())
+    with pytest.raises(ValueError, match="format version 9; this quantdream reads versions 1 to 3"):
+        load_scales(quantize_model(tiny_components(seed=4)["unet"], "int8"),
+                    _old_format_file(unet, tmp_path / "v9.safetensors", "9", None))
+
+
+def test_damaged_packed_scale_file_is_refused(tmp_path):
     from safetensors.torch import save_file
     unet = _trained_scales_unet()
-    new = save_scales(unet, tmp_path / "new.safetensors", dtype="float32")
-    with safe_open(str(new), framework="pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "encoding"}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={**meta, "format_version": "1"})
+    path = save_scales(unet, tmp_path / "s.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cases = {"short": ({**tensors, "s_in.1": tensors["s_in.1"][:-1]}, meta, "its s_in set 1 does not match"),
+             "no step": ({k: v for k, v in tensors.items() if k != "s_out.0.step"}, meta, "its s_out set 0"),
+             "layout": (tensors, {**meta, "layout": "[["}, "no readable layout"),
+             "encoding": (tensors, {**meta, "encoding": "delta-int3"}, "encoded as 'delta-int3'")}
+    for name, (t, m, msg) in cases.items():
+        save_file(t, str(tmp_path / f"{name}.safetensors"), metadata=m)
+        fresh = quantize_model(tiny_components(seed=4)["unet"], "int8")
+        with pytest.raises(ValueError, match=msg):
+            load_scales(fresh, tmp_path / f"{name}.safetensors")
+        assert all(layer.s_out is None for _, layer in quantized_layers(fresh)), name
+
+
+def test_int8_scale_file_rounds_each_layers_changes_a_quarter_of_the_size(tmp_path):
+    unet = _trained_scales_unet()
+    full = save_scales(unet, tmp_path / "full.safetensors", dtype="float32")
+    small = save_scales(unet, tmp_path / "small.safetensors")               # the default
+    data = sum(t.numel() for t in scales_state_dict(unet).values())
+    steps = 2 * 2 * len(list(quantized_layers(unet)))          # one float32 step per layer, kind and set
+    assert full.stat().st_size - small.stat().st_size == pytest.approx(3 * data - 4 * steps, abs=400)  # step entries in the header
+    with safe_open(str(small), framework="pt") as f:
+        assert f.metadata()["encoding"] == "delta-int8"
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.int8, torch.float32}   # codes, steps
     fresh = quantize_model(tiny_components(seed=4)["unet"], "int8")
-    load_scales(fresh, tmp_path / "v1.safetensors")
-    assert all(torch.equal(v, scales_state_dict(fresh)[k]) for k, v in scales_state_dict(unet).items())
-    save_file(tensors, str(tmp_path / "v9.safetensors"), metadata={**meta, "format_version": "9"})
-    with pytest.raises(ValueError, match="format version 9; this quantdream reads versions 1 to 2"):
-        load_scales(quantize_model(tiny_components(seed=4)["unet"], "int8"), tmp_path / "v9.safetensors")
+    load_scales(fresh, small)
+    want, got = scales_state_dict(unet), scales_state_dict(fresh)
+    for name, layer in quantized_layers(unet):
+        for j in range(2):
+            for kind, start in (("s_out", layer.scale), ("s_in", torch.ones(()))):
+                k = f"{name}.{kind}.{j}"
+                change = want[k] - start
+                step = change.abs().max() / 127
+                assert ((got[k] - want[k]).abs() <= step / 2 * (1 + 1e-3) + 1e-7).all(), k   # half a grid step
+                assert ((got[k] - start) * change >= 0).all(), k                          # never the wrong way
+    x = _unet_inputs(1)[0]
+    base = quantize_model(tiny_components(seed=4)["unet"], "int8")
+    with torch.no_grad():
+        ref, out, untrained = unet(**x).sample, fresh(**x).sample, base(**x).sample
+    assert (out - ref).norm() < 1e-2 * (ref - untrained).norm()
 
 
 def test_float16_scale_file_holds_changes_half_the_size(tmp_path):
     from safetensors import safe_open
     unet = _trained_scales_unet()
     full = save_scales(unet, tmp_path / "full.safetensors", dtype="float32")
-    half = save_scales(unet, tmp_path / "half.safetensors")               # the default
+    half = save_scales(unet, tmp_path / "half.safetensors", dtype="float16")
     data = sum(t.numel() for t in scales_state_dict(unet).values())
     assert full.stat().st_size - half.stat().st_size == pytest.approx(2 * data, rel=0.01)
     with safe_open(str(half), framework="pt") as f:

@@ -7,6 +7,7 @@ scales picked by timestep (timestep.py). Everything else in the model is frozen.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from .timestep import ScaleSelector
 
 SCALE_MODES = ("out", "out_in")
 SCALES_FORMAT = "quantdream-scales"
-SCALES_FORMAT_VERSION = 2     # 2: float16 files hold changes from the initial scales ("encoding": "delta")
-SCALE_DTYPES = {"float16": "delta", "float32": "absolute"}   # save_scales' dtype -> what the file holds
+SCALES_FORMAT_VERSION = 3     # 2: changes from the initial scales ("encoding": "delta"); 3: one flat tensor per set
+# save_scales' dtype -> what the file holds: int8 changes (one float32 step per layer), float16 changes, float32 scales
+SCALE_DTYPES = {"int8": "delta-int8", "float16": "delta", "float32": "absolute"}
 
 
 def _layers_or_fail(model: nn.Module) -> list:
@@ -123,13 +125,51 @@ def _initial_scales(model: nn.Module) -> dict[str, torch.Tensor]:
             for key, kind, p, layer in _scale_entries(model)}
 
 
-def save_scales(model: nn.Module, path: str | os.PathLike, *, dtype: str = "float16",
+def _pack(tensors: dict[str, torch.Tensor], layout: list, n: int, kinds: tuple, dtype: str) -> dict[str, torch.Tensor]:
+    """One flat tensor per scale set, ``"<kind>.<j>"``, layers in ``layout`` order (one header entry per set
+    instead of per layer: the names of ~2,300 tensors cost 270 KB on SD-1.5). int8: ``round(x / step)`` with
+    ``step = max|x| / 127`` per layer, kept in ``"<kind>.<j>.step"``."""
+    packed = {}
+    for kind in kinds:
+        for j in range(n):
+            parts = [tensors[f"{name}.{kind}.{j}"].reshape(-1) for name, _, _ in layout]
+            if dtype == "int8":
+                steps = torch.stack([x.abs().max() for x in parts]) / 127
+                codes = [torch.round(x / step.clamp_min(torch.finfo(torch.float32).tiny)) for x, step in zip(parts, steps)]
+                packed[f"{kind}.{j}"] = torch.cat(codes).to(torch.int8)
+                packed[f"{kind}.{j}.step"] = steps
+            else:
+                packed[f"{kind}.{j}"] = torch.cat(parts).to(getattr(torch, dtype))
+    return packed
+
+
+def _unpack(packed: dict[str, torch.Tensor], layout: list, n: int, kinds: tuple, encoding: str,
+            path: Path) -> dict[str, torch.Tensor]:
+    """:func:`_pack`'s inverse: ``{"<layer>.<kind>.<j>": float32 tensor}``."""
+    out = {}
+    for kind in kinds:
+        sizes = [math.prod(out_shape) if kind == "s_out" else n_in for _, out_shape, n_in in layout]
+        for j in range(n):
+            flat, steps = packed.get(f"{kind}.{j}"), packed.get(f"{kind}.{j}.step")
+            if flat is None or flat.numel() != sum(sizes) or (encoding == "delta-int8" and (
+                    steps is None or steps.numel() != len(layout))):
+                raise ValueError(f"{path} is damaged: its {kind} set {j} does not match the layout in its header")
+            for (name, out_shape, _), x, step in zip(layout, flat.float().split(sizes), steps if steps is not None
+                                                      else [None] * len(layout)):
+                out[f"{name}.{kind}.{j}"] = (x * step if step is not None else x).reshape(
+                    out_shape if kind == "s_out" else -1)
+    return out
+
+
+def save_scales(model: nn.Module, path: str | os.PathLike, *, dtype: str = "int8",
                 metadata: dict[str, str] | None = None) -> Path:
     """Write only the trained scales (a small safetensors file) with how they were set up; atomic.
 
-    dtype "float32": the scales themselves, exactly. "float16": their changes from the start (s_out - s0,
-    s_in - 1), half the size; the load adds them back to the quantizer's scales, so the error is <= 2^-11 of
-    the change, not of the scale (an s_in near 1 moves by ~1e-4, below float16's spacing of 1e-3 at 1).
+    dtype "float32": the scales themselves, exactly. "float16" / "int8": their changes from the start
+    (s_out - s0, s_in - 1); the load adds them back to the quantizer's scales, so the error is a fraction of
+    the change, not of the scale (an s_in near 1 moves by ~1e-4, below float16's spacing of 1e-3 at 1):
+    float16 keeps 11 bits of each change, int8 rounds each layer's changes to a grid of max|change| / 127
+    (a quarter of float32's bytes; benchmarks/scale_file_dtype.py measures what that costs).
     """
     from ..checkpoint import atomic_write
     selector = scale_selector(model)
@@ -138,16 +178,25 @@ def save_scales(model: nn.Module, path: str | os.PathLike, *, dtype: str = "floa
     if dtype not in SCALE_DTYPES:
         raise ValueError(f"scale file dtype {dtype!r}; choose one of {', '.join(SCALE_DTYPES)}")
     tensors = scales_state_dict(model)
-    if dtype == "float16":
+    if dtype != "float32":
         init = _initial_scales(model)
-        tensors = {k: (v - init[k]).half().contiguous() for k, v in tensors.items()}
+        tensors = {k: v - init[k] for k, v in tensors.items()}
+    mode = model._quantdream_scale_mode
+    layout = [[name, list(layer.s_out[0].shape), layer.weight_shape[1]] for name, layer in quantized_layers(model)
+              if layer.s_out is not None]
+    packed = _pack(tensors, layout, selector.num_experts, _kinds(mode), dtype)
     meta = {"format": SCALES_FORMAT, "format_version": str(SCALES_FORMAT_VERSION),
-            "mode": model._quantdream_scale_mode, "num_experts": str(selector.num_experts),
+            "mode": mode, "num_experts": str(selector.num_experts),
             "num_train_timesteps": str(selector.num_train_timesteps),
-            "interval": json.dumps(selector.interval), "encoding": SCALE_DTYPES[dtype], **(metadata or {})}
+            "interval": json.dumps(selector.interval), "encoding": SCALE_DTYPES[dtype],
+            "layout": json.dumps(layout, separators=(",", ":")), **(metadata or {})}
     path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(packed, str(tmp), metadata=meta))
     return path
+
+
+def _kinds(mode: str) -> tuple[str, ...]:
+    return ("s_out", "s_in") if mode == "out_in" else ("s_out",)
 
 
 def load_scales(model: nn.Module, path: str | os.PathLike, *, hook: bool = True) -> ScaleSelector:
@@ -164,11 +213,22 @@ def load_scales(model: nn.Module, path: str | os.PathLike, *, hook: bool = True)
         raise ValueError(f"{path} is not a safetensors scales file ({e})") from None
     if meta.get("format") != SCALES_FORMAT:
         raise ValueError(f"{path} is not a quantdream scales file (format={meta.get('format')!r})")
-    if meta.get("format_version") not in ("1", str(SCALES_FORMAT_VERSION)):
+    version = meta.get("format_version")
+    if version not in [str(v) for v in range(1, SCALES_FORMAT_VERSION + 1)]:
         raise ValueError(f"{path} was written by scales format version {meta.get('format_version')}; this "
                          f"quantdream reads versions 1 to {SCALES_FORMAT_VERSION}")
-    delta = meta.get("encoding", "absolute") == "delta"    # version 1 wrote absolute float32 scales
+    encoding = meta.get("encoding", "absolute")    # version 1 wrote absolute float32 scales
+    if encoding not in SCALE_DTYPES.values():
+        raise ValueError(f"{path} holds scales encoded as {encoding!r}; this quantdream reads "
+                         f"{', '.join(SCALE_DTYPES.values())}")
+    delta = encoding != "absolute"
     mode, n = meta["mode"], int(meta["num_experts"])
+    if version == "3":      # 1 and 2 wrote one tensor per layer and set, already in the shape used below
+        try:
+            layout = json.loads(meta["layout"])
+        except (KeyError, ValueError):
+            raise ValueError(f"{path} is damaged: its header has no readable layout") from None
+        tensors = _unpack(tensors, layout, n, _kinds(mode), encoding, path)
     interval = json.loads(meta["interval"])
     T = int(meta["num_train_timesteps"])
     layers = dict(_layers_or_fail(model))
@@ -201,7 +261,7 @@ def load_scales(model: nn.Module, path: str | os.PathLike, *, hook: bool = True)
     with torch.no_grad():
         for name, layer in layers.items():
             for j in range(n):
-                for kind in ("s_out", "s_in") if mode == "out_in" else ("s_out",):
+                for kind in _kinds(mode):
                     key = f"{name}.{kind}.{j}"
                     value = tensors[key].float() + init[key] if delta else tensors[key]
                     getattr(layer, kind)[j].copy_(value)
