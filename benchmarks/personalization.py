@@ -91,13 +91,19 @@ def train(subject: Path, name: str, method: str, section: dict, steps: int, out:
 
 
 def stale(out: Path, method: str, section: dict, steps: int, model: str) -> str | None:
-    """Why a finished run under ``out`` no longer matches what is asked (changed defaults), or None."""
+    """Why a finished run under ``out`` no longer matches what is asked (changed defaults), or None.
+    Every setting the run recorded is compared with what the method would use now, so a changed default of
+    the method itself (e.g. tuneqdm's num_experts) also counts; settings added since the run are not."""
+    import dataclasses
+
+    from quantdream.methods import method_class
     from quantdream.train import EMBEDDED_DEFAULTS, SD_DEFAULTS, check_model
     info = json.loads((out / "run.json").read_text())
     defaults = (EMBEDDED_DEFAULTS if check_model(model)[1] else SD_DEFAULTS)[method]
-    want = json.loads(json.dumps({**defaults["section"], **section}))
+    asked = {**defaults["section"], **section}
+    want = json.loads(json.dumps(dataclasses.asdict(method_class(method).config_class(**asked))))
     have = info.get("method_config", {})
-    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    diff = {k: (have.get(k), v) for k, v in want.items() if (k in have or k in asked) and have.get(k) != v}
     if info.get("method") != method or info.get("steps") != (steps or defaults["steps"]) or diff:
         return f"made with {info.get('method')}, {info.get('steps')} steps, {diff or 'same settings'}"
     return None

@@ -6,7 +6,9 @@ Scale files hold int8 changes from the quantizer's scales by default (quant/scal
 float32 scales (float16 changes: half). Each method is trained once per subject with ``file_dtype = float32``;
 the same trained scales are then written again as float16 and as int8 changes, each into a copy of the run, and
 every run is scored with ``quantdream evaluate``'s protocol (same seeds, so any difference comes from the
-file). Output per method: the mean metrics of each file, their differences from float32, and the file sizes.
+file). Output per method: the mean metrics of each file, their differences from float32, the file sizes, and
+how far each copy's scales are from the float32 ones (``rounding``: sum |error| / sum |change from the start|, and
+the share of scales whose error exceeds a tenth of their own change), over all subjects.
 """
 from __future__ import annotations
 
@@ -42,6 +44,30 @@ def rewritten_copy(run: Path, out: Path, model: str, dtype: str) -> Path:
     return out
 
 
+def rounding(full: Path, copy: Path, model: str) -> dict:
+    """How far ``copy``'s scales are from ``full``'s, relative to what training changed."""
+    import torch
+
+    from quantdream.methods.adapters import apply_scales
+    from quantdream.methods.peqa import SCALES_FILE
+    from quantdream.models.load import load_pipeline
+    from quantdream.quant.scales import _initial_scales, scales_state_dict
+    unets = [load_pipeline(model).unet for _ in range(2)]
+    for unet, run in zip(unets, (full, copy)):
+        apply_scales(unet, run / SCALES_FILE)
+    want, got, start = scales_state_dict(unets[0]), scales_state_dict(unets[1]), _initial_scales(unets[0])
+    change = torch.cat([(want[k] - start[k]).reshape(-1) for k in want]).abs()
+    err = torch.cat([(got[k] - want[k]).reshape(-1) for k in want]).abs()
+    return {"error": float(err.sum()), "change": float(change.sum()), "above": int((err > 0.1 * change).sum()),
+            "values": change.numel()}
+
+
+def rounding_summary(parts: list[dict]) -> dict:
+    total = {k: sum(p[k] for p in parts) for k in parts[0]}
+    return {"error_over_change": total["error"] / total["change"],
+            "share_error_above_tenth_of_change": total["above"] / total["values"], "values": total["values"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_harness_args(ap, "out/bench_scale_file_dtype")
@@ -52,7 +78,7 @@ def main(argv=None) -> int:
     from quantdream.methods.peqa import SCALES_FILE
     from quantdream.train import EMBEDDED_DEFAULTS
     out = Path(a.out).resolve()
-    rows, sizes = [], {}
+    rows, sizes, errors = [], {}, {}
     for subject in subject_dirs(a):
         runs = {}
         for m in METHODS:
@@ -62,6 +88,7 @@ def main(argv=None) -> int:
             runs[f"{m}-float32"] = full
             for d in COPIES:
                 runs[f"{m}-{d}"] = rewritten_copy(full, out / "runs" / subject.name / f"{m}-{d}", a.model, d)
+                errors.setdefault(m, {}).setdefault(d, []).append(rounding(full, runs[f"{m}-{d}"], a.model))
             sizes.setdefault(m, {d: (runs[f"{m}-{d}"] / SCALES_FILE).stat().st_size for d in ("float32", *COPIES)})
         settings = eval_settings(a)
         rows += subject_rows(subject.name, runs, evaluate(runs, out / "eval" / subject.name, settings, a.evaluator))
@@ -74,7 +101,8 @@ def main(argv=None) -> int:
                               for v, s in by_subject if v == f"{m}-float32") for k in METRICS} for d in COPIES}
         result[m] = {**means, "minus_float32": {d: {k: means[d][k] - means["float32"][k] for k in METRICS}
                                                 for d in COPIES},
-                     "largest_subject_difference": largest, "file_bytes": sizes[m]}
+                     "largest_subject_difference": largest, "file_bytes": sizes[m],
+                     "rounding": {d: rounding_summary(errors[m][d]) for d in COPIES}}
     print(json.dumps({"subjects": sorted({r["subject"] for r in rows}), "seed": a.seed,
                       "images_per_prompt": a.images_per_prompt, "methods": result, "per_subject": rows},
                      indent=1, default=float))

@@ -49,6 +49,28 @@ def test_budget_vocab16_is_zoodip_fast():
     assert (ZoodipConfig(**EMBEDDED_DEFAULTS["zoodip"]["section"]).t_low, fast.t_low) == (800, 800)
 
 
+def test_stale_run_follows_a_changed_method_default(tmp_path):
+    """A kept run made under another default of the method itself (tuneqdm's num_experts was 2 for a while)
+    is trained again; a setting added to the method since the run (absent from its run.json) is not a reason."""
+    import dataclasses
+
+    from quantdream.methods.tuneqdm import TuneQDMConfig
+    from quantdream.train import EMBEDDED_DEFAULTS
+    stale = load_script("personalization").stale
+    now = dataclasses.asdict(TuneQDMConfig(**{**EMBEDDED_DEFAULTS["tuneqdm"]["section"], "file_dtype": "float32"}))
+    steps = EMBEDDED_DEFAULTS["tuneqdm"]["steps"]
+
+    def run(config):
+        (tmp_path / "run.json").write_text(json.dumps({"method": "tuneqdm", "steps": steps,
+                                                       "method_config": json.loads(json.dumps(config))}))
+        return stale(tmp_path, "tuneqdm", {"file_dtype": "float32"}, 0, "tiny")
+
+    assert run(now) is None
+    assert "num_experts" in run({**now, "num_experts": 2})
+    assert run({k: v for k, v in now.items() if k not in ("num_experts", "lr_in")}) is None     # older run.json
+    assert "file_dtype" in run({k: v for k, v in now.items() if k != "file_dtype"})            # asked for
+
+
 @pytest.mark.slow
 def test_personalization_benchmark_end_to_end_and_resume(tiny_model, random_evaluator, tmp_path, capsys):
     bench = load_script("personalization")
@@ -320,6 +342,7 @@ def test_scale_file_dtype_scores_both_files_of_the_same_scales(tiny_model, rando
         for d in bench.COPIES:
             assert isinstance(r[d]["world_clip_i"], float)
             assert abs(r["minus_float32"][d]["world_clip_i"]) < 0.01
+            assert 0 < r["rounding"][d]["error_over_change"] < 0.05 and r["rounding"][d]["values"] > 0
         for d, encoding in encodings.items():
             with safe_open(str(tmp_path / "d" / "runs" / "teal_bag" / f"{m}-{d}" / "scales.safetensors"), "pt") as f:
                 assert f.metadata()["encoding"] == encoding
