@@ -11,7 +11,7 @@ is trained beside [0, 500), [250, 750), [500, 900) and PEQA (the scales used at 
 
 experts: ``tuneqdm`` (MCSU: output- and input-channel scales) with N = 1, 2, 4 timestep experts, beside
 PEQA. TuneQDM's script uses N = 4 (the default here), the T-note's CIFAR-10 ablation found N = 2 best, and
-the scale file grows with N (one output+input set per expert: 0.61 M values, 1.3 MB as float16 changes, on
+the scale file grows with N (one output+input set per expert: 0.61 M values, 0.62 MB as int8 changes, on
 SD-1.5).
 
 mcsu (beyond the paper): at TuneQDM's one rate (3e-6) the input scales, which start at 1, barely move; here

@@ -157,7 +157,7 @@ def test_markdown_and_summary_from_rows():
     assert s["lowest_whole_process"] == "zoodip (int8)" and s["whole_process_ratio_to_lowest"]["ti (none)"] == 4.0
     assert "dreambooth ()" not in s["whole_process_ratio_to_lowest"]
     md = memory_markdown({"rows": rows, "summary": s})
-    assert "| ti | sd15 | none | 512 | ok | 10000 |" in md and "3.1 KB" in md and "ti (none) 4.00x" in md
+    assert "| ti | sd15 | none | 512 | ok | 10000 |" in md and "3.16 kB" in md and "ti (none) 4.00x" in md
     assert "failed: killed by the OS (out of memory?)" in md
 
 

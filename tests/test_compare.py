@@ -309,7 +309,7 @@ def test_report_markdown_and_figure_without_memory(tmp_path):
     report = rep.build_report(rows, subject={"name": "s", "class_word": "bag"}, settings={"seed": 0},
                               evaluation=evaluation, figure=fig)
     md = rep.report_markdown(report)
-    assert "| zoodip | int8 | yes |" in md and "9.5 MB" in md and "- a note" in md
+    assert "| zoodip | int8 | yes |" in md and "10.0 MB" in md and "- a note" in md
     assert report["memory_ratio_to_zoodip"]["dreambooth"] == pytest.approx(4000 / 600)
     # nothing measurable: the figure still exists and says why
     empty = rep.figure1([rep.empty_row("zoodip")], tmp_path / "g.png")

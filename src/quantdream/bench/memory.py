@@ -601,12 +601,14 @@ def _fmt(x, spec: str = ".0f") -> str:
 
 
 def human_bytes(n: float | None) -> str:
+    """Decimal units (kB = 1000 B, MB = 10^6 B), as the papers' storage columns (PEQA 1.32 MB = 0.33 M x 4 B)."""
     if n is None:
         return ""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            digits = 0 if unit == "B" or n >= 100 else 1 if n >= 10 else 2       # three significant figures
+            return f"{n:.{digits}f} {unit}"
+        n /= 1000
     return ""
 
 

@@ -5,8 +5,8 @@
 W_q, z, biases and everything else stay frozen; s starts at the quantizer's scale s0. The UNet is
 quantized per output channel (int8 symmetric, or ``--weights int4`` asymmetric with one group per
 row); text encoder and VAE stay float, as in TuneQDM's code. Output: OUT/scales.safetensors, the
-trained scales only (0.32 M values on SD-1.5: 0.34 MB as the int8 changes written by default, 0.66 MB as float16
-changes, 1.29 MB in float32 with ``--set peqa.file_dtype=float32``), which ``quantdream generate --adapter`` applies to a freshly
+trained scales only (0.32 M values on SD-1.5: 0.34 MB as the int8 changes written by default, 1.3 MB as float32
+scales with ``--set peqa.file_dtype=float32``, the paper's 1.32 MB), which ``quantdream generate --adapter`` applies to a freshly
 quantized UNet. ``ScaleTuning`` is shared with TuneQDM (tuneqdm.py): the same loop with s_in and
 timestep-selected scale sets.
 """

@@ -21,8 +21,8 @@ CIFAR-10 ablation found N=2 best; ``--set tuneqdm.num_experts=2``. Measured here
 (benchmarks/tuneqdm_study.py --study experts) N=2 and N=4 level; on all 10 (benchmarks/comparison.py
 --refresh-methods) N=2 +0.015 world CLIP-I but -0.040 prompt accuracy, below PEQA's, so N=4 stays. N=1 renders
 as PEQA, since at lr 3e-6 Adam moves s_in (init 1) by <= 5e-4 in 400 steps while s_out (~1e-3) moves by ~100%
-(TuneQDM's code: the same rate and init). The scale file holds N x 0.61 M values on SD-1.5, as float16 changes
-(peqa.py): 5.2 MB at N=4, 2.6 MB at N=2 (ZOODiP's Table 1 prints 2.48 MB, one float32 set).
+(TuneQDM's code: the same rate and init). The scale file holds N x 0.61 M values on SD-1.5, as int8 changes
+(peqa.py, quant/scales.py): 2.48 MB at N=4, the size ZOODiP's Table 1 prints (there: one float32 set).
 """
 from __future__ import annotations
 
