@@ -6,6 +6,8 @@
         --reference benchmarks/results/2026-11-24/personalization-10subjects.json   # the sweep's best, 10 subjects
     python benchmarks/zoodip_study.py --study long --subjects teal_bag,olive_coat,mustard_boot,coral_top \
         --reference benchmarks/results/2026-11-24/personalization-10subjects-puts800.json   # 2x, 3x the steps
+    python benchmarks/zoodip_study.py --study mu --subjects teal_bag,olive_coat,mustard_boot,coral_top \
+        --images-per-prompt 2                                   # the finite-difference step mu
 
 sweep: textual inversion (the reference) and ZOODiP ("zoodip") with the paper's PUTS interval [500, 900) beside
 [500, 1000), [600, 1000), [700, 1000), [800, 1000), [900, 1000) (the TuneQDM S1 study found the subject learned at the
@@ -27,6 +29,9 @@ steps.) zoodip-t800-4500-cosine: 4,500 steps with the step size decayed to 0.1 x
 fast: zoodip-fast (16 vocabulary directions, 1/3 of ZOODiP's passes) at ZOODiP's embedded interval [800, 1000);
 compare with personalization-10subjects-puts800.json's budget-vocab16 (made at the paper's [500, 900)). The study
 moved zoodip-fast's embedded default to [800, 1000).
+
+mu: the finite-difference step mu of Eq. 3 (1e-3 in the paper and the reference code) at 1e-4, 1e-2 and 1e-1,
+beside the embedded default, everything else the default. The one ZOODiP setting no earlier study moved.
 
 Runs and evaluations are kept under --out, so an interrupted study continues where it stopped.
 """
@@ -57,6 +62,8 @@ STUDIES = {   # variant -> (method, settings section, steps; 0 = the method's em
              "zoodip-t800-9000": ("zoodip", T800, 9000),
              "zoodip-t800-4500-cosine": ("zoodip", {**T800, "schedule": "cosine"}, 4500)},
     "fast": {"zoodip-fast-t800": ("zoodip-fast", T800, 0)},         # zoodip-fast's 500 steps at ZOODiP's interval
+    "mu": {"zoodip-t800": ("zoodip", T800, 0)}
+    | {f"zoodip-t800-mu{mu:.0e}".replace("e-0", "e-"): ("zoodip", {**T800, "mu": mu}, 0) for mu in (1e-4, 1e-2, 1e-1)},
 }
 
 

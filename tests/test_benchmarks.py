@@ -289,6 +289,10 @@ def test_zoodip_study_variants_keep_zoodips_budget():
         assert changed <= {"schedule"}, name                                           # 1,500-step point
     assert studies["long"]["zoodip-t800-9000"] == ("zoodip", {"t_low": 800, "t_high": 1000}, 9000)
     assert studies["fast"]["zoodip-fast-t800"] == ("zoodip-fast", {"t_low": 800, "t_high": 1000}, 0)
+    for name, (method, section, steps) in studies["mu"].items():      # the default with only mu moved
+        changed = {k for k, v in section.items() if default["section"].get(k) != v}
+        assert method == "zoodip" and steps == 0 and changed <= {"mu"}, name
+    assert sorted(s.get("mu", 1e-3) for _, s, _ in studies["mu"].values()) == [1e-4, 1e-3, 1e-2, 1e-1]
 
 
 @pytest.mark.slow
