@@ -195,6 +195,8 @@ def test_damaged_packed_scale_file_is_refused(tmp_path):
     cases = {"short": ({**tensors, "s_in.1": tensors["s_in.1"][:-1]}, meta, "its s_in set 1 does not match"),
              "no step": ({k: v for k, v in tensors.items() if k != "s_out.0.step"}, meta, "its s_out set 0"),
              "layout": (tensors, {**meta, "layout": "[["}, "no readable layout"),
+             "layout entry": (tensors, {**meta, "layout": '[["conv_in", 4]]'}, "no readable layout"),
+             "no layout": (tensors, {k: v for k, v in meta.items() if k != "layout"}, "no readable layout"),
              "encoding": (tensors, {**meta, "encoding": "delta-int3"}, "encoded as 'delta-int3'")}
     for name, (t, m, msg) in cases.items():
         save_file(t, str(tmp_path / f"{name}.safetensors"), metadata=m)

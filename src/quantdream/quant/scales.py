@@ -195,6 +195,15 @@ def save_scales(model: nn.Module, path: str | os.PathLike, *, dtype: str = "int8
     return path
 
 
+def _valid_layout(layout) -> bool:
+    """``[[layer name, s_out shape, input channels], ...]`` as save_scales writes it."""
+    def ints(xs):
+        return all(isinstance(x, int) and x > 0 for x in xs)
+    return isinstance(layout, list) and all(
+        isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], list) and ints(e[1])
+        and ints(e[2:]) for e in layout)
+
+
 def _kinds(mode: str) -> tuple[str, ...]:
     return ("s_out", "s_in") if mode == "out_in" else ("s_out",)
 
@@ -227,7 +236,9 @@ def load_scales(model: nn.Module, path: str | os.PathLike, *, hook: bool = True)
         try:
             layout = json.loads(meta["layout"])
         except (KeyError, ValueError):
-            raise ValueError(f"{path} is damaged: its header has no readable layout") from None
+            layout = None
+        if not _valid_layout(layout):
+            raise ValueError(f"{path} is damaged: its header has no readable layout")
         tensors = _unpack(tensors, layout, n, _kinds(mode), encoding, path)
     interval = json.loads(meta["interval"])
     T = int(meta["num_train_timesteps"])
