@@ -44,18 +44,21 @@ def rewritten_copy(run: Path, out: Path, model: str, dtype: str) -> Path:
     return out
 
 
-def rounding(full: Path, copy: Path, model: str) -> dict:
-    """How far ``copy``'s scales are from ``full``'s, relative to what training changed."""
-    import torch
-
+def trained_scales(run: Path, model: str) -> dict:
+    """``run``'s scales loaded into a fresh UNet (scales_state_dict), and where they started."""
     from quantdream.methods.adapters import apply_scales
     from quantdream.methods.peqa import SCALES_FILE
     from quantdream.models.load import load_pipeline
     from quantdream.quant.scales import _initial_scales, scales_state_dict
-    unets = [load_pipeline(model).unet for _ in range(2)]
-    for unet, run in zip(unets, (full, copy)):
-        apply_scales(unet, run / SCALES_FILE)
-    want, got, start = scales_state_dict(unets[0]), scales_state_dict(unets[1]), _initial_scales(unets[0])
+    unet = load_pipeline(model).unet
+    apply_scales(unet, run / SCALES_FILE)
+    return {"scales": scales_state_dict(unet), "start": _initial_scales(unet)}
+
+
+def rounding(full: dict, copy: dict) -> dict:
+    """How far ``copy``'s scales are from ``full``'s (both trained_scales()), relative to what training changed."""
+    import torch
+    want, got, start = full["scales"], copy["scales"], full["start"]
     change = torch.cat([(want[k] - start[k]).reshape(-1) for k in want]).abs()
     err = torch.cat([(got[k] - want[k]).reshape(-1) for k in want]).abs()
     return {"error": float(err.sum()), "change": float(change.sum()), "above": int((err > 0.1 * change).sum()),
@@ -86,9 +89,11 @@ def main(argv=None) -> int:
                          a.steps or EMBEDDED_DEFAULTS[m]["steps"],
                          out / "runs" / subject.name / f"{m}-float32", a.seed, a.threads, a.model)
             runs[f"{m}-float32"] = full
+            reference = trained_scales(full, a.model)
             for d in COPIES:
                 runs[f"{m}-{d}"] = rewritten_copy(full, out / "runs" / subject.name / f"{m}-{d}", a.model, d)
-                errors.setdefault(m, {}).setdefault(d, []).append(rounding(full, runs[f"{m}-{d}"], a.model))
+                errors.setdefault(m, {}).setdefault(d, []).append(
+                    rounding(reference, trained_scales(runs[f"{m}-{d}"], a.model)))
             sizes.setdefault(m, {d: (runs[f"{m}-{d}"] / SCALES_FILE).stat().st_size for d in ("float32", *COPIES)})
         settings = eval_settings(a)
         rows += subject_rows(subject.name, runs, evaluate(runs, out / "eval" / subject.name, settings, a.evaluator))
