@@ -6,6 +6,8 @@
         --reference benchmarks/results/2026-11-24/personalization-10subjects.json   # the sweep's best, 10 subjects
     python benchmarks/zoodip_study.py --study long --subjects teal_bag,olive_coat,mustard_boot,coral_top \
         --reference benchmarks/results/2026-11-24/personalization-10subjects-puts800.json   # 2x, 3x the steps
+    python benchmarks/zoodip_study.py --study lr --subjects teal_bag,olive_coat,mustard_boot,coral_top \
+        --reference benchmarks/results/2026-11-24/personalization-10subjects-puts800.json   # the paper's lr 5e-3, longer
     python benchmarks/zoodip_study.py --study mu --subjects teal_bag,olive_coat,mustard_boot,coral_top \
         --images-per-prompt 2                                   # the finite-difference step mu
 
@@ -29,6 +31,11 @@ steps.) zoodip-t800-4500-cosine: 4,500 steps with the step size decayed to 0.1 x
 fast: zoodip-fast (16 vocabulary directions, 1/3 of ZOODiP's passes) at ZOODiP's embedded interval [800, 1000);
 compare with personalization-10subjects-puts800.json's budget-vocab16 (made at the paper's [500, 900)). The study
 moved zoodip-fast's embedded default to [800, 1000).
+
+lr: the paper's step size 5e-3 (the embedded default is the reference script's 1e-2) at 4,500 and 9,000 steps, [800, 1000).
+At 1e-2 ZOODiP peaked near 4,500 steps with its token moving ~3x as much across textual inversion's direction as
+along it; a smaller step halves the movement per step, so 9,000 steps at 5e-3 go as far along as 4,500 at 1e-2 with,
+if the across part is a random walk, 1/sqrt(2) of it. Compare with the long study's zoodip-t800-4500 (lr 1e-2).
 
 mu: the finite-difference step mu of Eq. 3 (1e-3 in the paper and the reference code) at 1e-4, 1e-2 and 1e-1,
 beside the embedded default, everything else the default. The one ZOODiP setting no earlier study moved.
@@ -62,6 +69,8 @@ STUDIES = {   # variant -> (method, settings section, steps; 0 = the method's em
              "zoodip-t800-9000": ("zoodip", T800, 9000),
              "zoodip-t800-4500-cosine": ("zoodip", {**T800, "schedule": "cosine"}, 4500)},
     "fast": {"zoodip-fast-t800": ("zoodip-fast", T800, 0)},         # zoodip-fast's 500 steps at ZOODiP's interval
+    "lr": {"zoodip-t800-lr5e-3-4500": ("zoodip", {**T800, "lr": 5e-3}, 4500),
+           "zoodip-t800-lr5e-3-9000": ("zoodip", {**T800, "lr": 5e-3}, 9000)},
     "mu": {"zoodip-t800": ("zoodip", T800, 0)}
     | {f"zoodip-t800-mu{mu:.0e}".replace("e-0", "e-"): ("zoodip", {**T800, "mu": mu}, 0) for mu in (1e-4, 1e-2, 1e-1)},
 }
