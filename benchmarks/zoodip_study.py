@@ -8,6 +8,8 @@
         --reference benchmarks/results/2026-11-24/personalization-10subjects-puts800.json   # 2x, 3x the steps
     python benchmarks/zoodip_study.py --study lr --subjects teal_bag,olive_coat,mustard_boot,coral_top \
         --reference benchmarks/results/2026-11-24/personalization-10subjects-puts800.json   # the paper's lr 5e-3, longer
+    python benchmarks/zoodip_study.py --study oracle --subjects teal_bag,olive_coat,mustard_boot,coral_top \
+        --reference benchmarks/results/2026-11-24/personalization-10subjects-puts800.json   # without direction noise
     python benchmarks/zoodip_study.py --study mu --subjects teal_bag,olive_coat,mustard_boot,coral_top \
         --images-per-prompt 2                                   # the finite-difference step mu
 
@@ -36,6 +38,12 @@ lr: the paper's step size 5e-3 (the embedded default is the reference script's 1
 At 1e-2 ZOODiP peaked near 4,500 steps with its token moving ~3x as much across textual inversion's direction as
 along it; a smaller step halves the movement per step, so 9,000 steps at 5e-3 go as far along as 4,500 at 1e-2 with,
 if the across part is a random walk, 1/sqrt(2) of it. Compare with the long study's zoodip-t800-4500 (lr 1e-2).
+
+oracle: how much of ZOODiP's gap to textual inversion is the estimator's direction noise. zoodip-t800-expected replaces
+the RGE estimate by its expectation over the directions on the same batch (E_e[g] = grad L / sqrt((d_eff + n - 1) / n),
+by backpropagation: a study oracle, not a forward-only method) with everything else ZOODiP's embedded default
+(ZO-Adam, SG, PUTS [800, 1000), int8, 1,500 steps), so it is ZOODiP with n -> infinity directions; at 1,500 and 4,500
+steps. zoodip-t800-n8-1500: the real estimator with n = 8 (a quarter of n = 2's direction variance) at 1,500 steps.
 
 mu: the finite-difference step mu of Eq. 3 (1e-3 in the paper and the reference code) at 1e-4, 1e-2 and 1e-1,
 beside the embedded default, everything else the default. The one ZOODiP setting no earlier study moved.
@@ -71,6 +79,9 @@ STUDIES = {   # variant -> (method, settings section, steps; 0 = the method's em
     "fast": {"zoodip-fast-t800": ("zoodip-fast", T800, 0)},         # zoodip-fast's 500 steps at ZOODiP's interval
     "lr": {"zoodip-t800-lr5e-3-4500": ("zoodip", {**T800, "lr": 5e-3}, 4500),
            "zoodip-t800-lr5e-3-9000": ("zoodip", {**T800, "lr": 5e-3}, 9000)},
+    "oracle": {"zoodip-t800-expected": ("zoodip", {**T800, "estimator": "expected"}, 0),
+               "zoodip-t800-expected-4500": ("zoodip", {**T800, "estimator": "expected"}, 4500),
+               "zoodip-t800-n8-1500": ("zoodip", {**T800, "n": 8}, 1500)},
     "mu": {"zoodip-t800": ("zoodip", T800, 0)}
     | {f"zoodip-t800-mu{mu:.0e}".replace("e-0", "e-"): ("zoodip", {**T800, "mu": mu}, 0) for mu in (1e-4, 1e-2, 1e-1)},
 }

@@ -110,7 +110,21 @@ def test_vocab_directions_lie_in_the_vocabulary_subspace_and_minimise():
     assert (m.theta - target).norm() < 0.5 * target.norm()
 
 
+def test_expected_estimator_is_the_mean_of_the_rge_estimates():
+    """The study oracle (estimator = "expected") gives E_e[g]: the RGE estimates' average over many directions."""
+    m, obj = make(estimator="expected", sg=False, n=2, lr=0.05)
+    g, loss = m.expected_estimate(None, Streams.from_seed(0))
+    exact = (m.theta - obj.target) / math.sqrt((D + 2 - 1) / 2)
+    assert torch.allclose(g, exact, atol=1e-6) and float(loss) == pytest.approx(0.5 * float(obj.target.pow(2).sum()))
+    gen = torch.Generator().manual_seed(1)
+    draws = [m.estimator(lambda c: obj(c, None, None), m.theta, gen, D)[0] for _ in range(20000)]
+    assert (torch.stack(draws).mean(0) - exact).norm() < 0.05 * exact.norm()
+    run(m, 50)                                    # and it minimises through ZO-Adam as the real estimator does
+    assert float(obj(m.theta[None], None, None)) < 0.5 * float(obj(torch.zeros(1, 1, D), None, None))
+
+
 @pytest.mark.parametrize("kw,match", [({"schedule": "linear"}, "zoodip.schedule = 'linear'"),
+                                      ({"estimator": "exact"}, "zoodip.estimator = 'exact'"),
                                       ({"vocab_directions": -1}, "zoodip.vocab_directions = -1"),
                                       ({"subspace_directions": True, "sg": False}, "needs zoodip.sg = true")])
 def test_bad_settings_are_refused(kw, match):

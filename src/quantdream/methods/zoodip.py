@@ -60,9 +60,11 @@ class ZoodipConfig:
     final_lr: float = 0.1        # cosine only: the last step's lr as a fraction of lr
     subspace_directions: bool = False  # draw e_i inside the SG-kept subspace (needs sg)
     vocab_directions: int = 0    # > 0: draw e_i inside the top-k PCA subspace of the vocabulary
+    estimator: str = "rge"       # rge (the method) | expected: study oracle, E_e[g] by backprop (not forward-only)
 
 
 SCHEDULES = ("constant", "cosine")
+ESTIMATORS = ("rge", "expected")
 
 
 class Zoodip(Method):
@@ -74,6 +76,8 @@ class Zoodip(Method):
         super().__init__(objective, theta0, config)
         if config.schedule not in SCHEDULES:
             raise ValueError(f"zoodip.schedule = {config.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if config.estimator not in ESTIMATORS:
+            raise ValueError(f"zoodip.estimator = {config.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         if config.subspace_directions and not config.sg:
             raise ValueError("zoodip.subspace_directions = true needs zoodip.sg = true (the subspace comes from SG)")
         objective.set_timesteps(puts(config.t_low, config.t_high) if config.puts
@@ -110,6 +114,9 @@ class Zoodip(Method):
 
     @torch.no_grad()
     def step(self, batch, streams: Streams) -> torch.Tensor:
+        if self.config.estimator == "expected":
+            g, loss = self.expected_estimate(batch, streams)
+            return self.update(g, loss)
         e = self.estimator.directions(self.theta.shape, streams.directions)     # (n, V, d)
         if self.V is not None:
             e = e @ self.V.T @ self.V                                          # e_i V_k^T V_k
@@ -118,14 +125,30 @@ class Zoodip(Method):
         candidates = self.estimator.candidates(self.theta, e)                  # (n+1, V, d)
         losses = self.objective(candidates, batch, streams.noise)              # one batch, CRN
         g = self.estimator.estimate(losses, e, self.d_eff)
+        # NOTE(paper): the reference logs the last perturbed loss L_n; the clean loss L(theta) is reported here
+        return self.update(g, losses[0] if self.estimator.scheme == "forward" else losses.mean())
+
+    def update(self, g: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """SG projection, ZO-Adam step, SG buffer push; returns ``loss``."""
         if self.sg is not None:
             g = self.sg.project(g)
         self.adam.lr = self.lr
         self.adam.step(self.theta, g)
         if self.sg is not None:
             self.sg.push(self.theta)
-        # NOTE(paper): the reference logs the last perturbed loss L_n; the clean loss L(theta) is reported here
-        return losses[0] if self.estimator.scheme == "forward" else losses.mean()
+        return loss
+
+    def expected_estimate(self, batch, streams: Streams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Study oracle, not ZOODiP: the RGE estimate's expectation over the directions on this step's batch,
+        E_e[g] = grad L(theta) (/ sqrt((d_eff + n - 1) / n) with ``normalize``), by backpropagation. The same
+        data, t and eps as the real estimator; what is left of ZOODiP's trajectory without its direction noise."""
+        with torch.enable_grad():
+            theta = self.theta.detach().clone().requires_grad_(True)
+            loss = self.objective(theta[None], batch, streams.noise)[0]
+            (grad,) = torch.autograd.grad(loss, theta)
+        if self.config.normalize:
+            grad = grad / math.sqrt((self.d_eff + self.config.n - 1) / self.config.n)
+        return grad, loss.detach()
 
     def state_dict(self) -> dict:
         return {"theta": self.theta.clone(), "adam": self.adam.state_dict(),
