@@ -207,7 +207,7 @@ def gfti_below_zoodip(means: dict[str, dict], tables: dict[str, list[dict]], fid
     out["pass"] = below if equal else None
     if not equal:
         out["note"] = (f"forward-pass budgets differ (gf-ti / zoodip = {ratio:.2f}); give --method-steps so that both "
-                       f"spend the same UNet passes (the defaults do: 1,500 x 3 = 225 x 20)")
+                       f"spend the same UNet passes (the embedded defaults do: 1,500 x 9 = 675 x 20)")
     return out
 
 

@@ -90,9 +90,10 @@ def run_subject(subject: Path, out: Path, a) -> dict:
     if chosen["best_step"] == 1:                          # nothing beat the first evaluation: ~ the init word
         scores["early"] = scores["floor"]
     scores.setdefault("early", scores["final"])          # the rule ran to the end: the final token
-    train_passes = 3 * steps                               # n = 2: three UNet passes a step
+    per_step = info["method_config"]["n"] + 1              # forward RGE: n + 1 UNet passes a step
+    train_passes = per_step * steps
     for p, r in rules.items():
-        r["passes"] = 3 * r["stop_step"] + a.draws * r["evaluations"]
+        r["passes"] = per_step * r["stop_step"] + a.draws * r["evaluations"]
         r["passes_fraction"] = r["passes"] / train_passes
     return {"subject": subject.name, "curve": curve, "rules": rules, "scores": scores,
             "final_passes": train_passes, "recorded_passes": info.get("unet_forward_passes")}

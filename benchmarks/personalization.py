@@ -11,12 +11,13 @@ and evaluations are kept under --out, so an interrupted benchmark continues wher
 
 Variants:
     ti                      textual inversion, fp32 model, backpropagation (the gradient reference)
-    zoodip                  the paper's ZOODiP on int8 weights (SG + PUTS; embedded model: PUTS [800, 1000))
+    zoodip                  the paper's ZOODiP on int8 weights (SG + PUTS; embedded model: PUTS [800, 1000), n = 8)
     zoodip-no-sg, zoodip-no-puts, zoodip-no-sg-no-puts           the paper's ablation (Table 3 / Fig. 6)
     budget-*                candidates for the improved variant, each given at most 1/3 of zoodip's UNet
                             forward passes (--budget-fraction): bigger step + cosine decay, directions
                             inside the SG subspace, antithetic pairs, more directions per step, directions in
-                            the vocabulary's top-16 principal subspace (budget-vocab16; zoodip-vocab16 at full budget)
+                            the vocabulary's top-16 principal subspace (budget-vocab16 = zoodip-fast as shipped;
+                            zoodip-vocab16 at zoodip's steps)
 
 Bars (issue 4): zoodip's world CLIP-I and EffNet >= 0.97 x ti's and above the floor; zoodip's prompt accuracy
 and world CLIP-T >= ti's - 0.02; the best budget-* variant reaches zoodip's final world CLIP-I.
@@ -39,24 +40,27 @@ METRICS = ("world_clip_i", "effnet", "world_clip_t", "prompt_accuracy")
 PAPER_PUTS = {"t_low": 500, "t_high": 900}     # ZOODiP's PUTS interval for SD-1.5 (zoodip_study pins it)
 
 
-def variants(zoodip_steps: int, zoodip_lr: float, fraction: float, ti_steps: int = 0) -> dict[str, tuple[str, dict, int]]:
-    """name -> (method, method settings, steps). zoodip uses 3 UNet passes a step (n = 2, forward)."""
-    passes = 3 * zoodip_steps * fraction           # the budget of every budget-* variant
-    fast = {"lr": 3 * zoodip_lr, "schedule": "cosine"}
-    vocab = {"vocab_directions": 16}                               # = zoodip-fast (ZOODiP's embedded interval)
+def variants(zoodip_steps: int, zoodip_lr: float, fraction: float, ti_steps: int = 0, zoodip_n: int = 2,
+             fast_steps: int = 0) -> dict[str, tuple[str, dict, int]]:
+    """name -> (method, method settings, steps). zoodip uses n + 1 UNet passes a step (forward RGE; n = 8 on the
+    embedded model since the oracle study, 2 in the paper); the budget-* candidates pin their own n.
+    budget-vocab16 is zoodip-fast as shipped (``fast_steps``; default: the whole budget)."""
+    passes = (zoodip_n + 1) * zoodip_steps * fraction       # the budget of every budget-* variant
+    fast = {"lr": 3 * zoodip_lr, "schedule": "cosine", "n": 2}
+    vocab = {"vocab_directions": 16, "n": 2}                       # = zoodip-fast (ZOODiP's embedded interval)
     return {
         "ti": ("ti", {}, ti_steps),
         "zoodip": ("zoodip", {}, zoodip_steps),
         "zoodip-no-sg": ("zoodip", {"sg": False}, zoodip_steps),
         "zoodip-no-puts": ("zoodip", {"puts": False}, zoodip_steps),
         "zoodip-no-sg-no-puts": ("zoodip", {"sg": False, "puts": False}, zoodip_steps),
-        "budget-paper": ("zoodip", {}, int(passes // 3)),                      # the paper's method, cut short
+        "budget-paper": ("zoodip", {}, int(passes // (zoodip_n + 1))),       # the method, cut short
         "budget-cosine": ("zoodip", fast, int(passes // 3)),
         "budget-cosine-subspace": ("zoodip", {**fast, "subspace_directions": True}, int(passes // 3)),
         "budget-cosine-antithetic": ("zoodip", {**fast, "scheme": "central"}, int(passes // 4)),
         "budget-cosine-n8": ("zoodip", {**fast, "n": 8}, int(passes // 9)),
         "zoodip-vocab16": ("zoodip", vocab, zoodip_steps),                     # directions in the vocabulary's
-        "budget-vocab16": ("zoodip", vocab, int(passes // 3)),                 # top-16 principal subspace
+        "budget-vocab16": ("zoodip", vocab, min(fast_steps or 10**9, int(passes // 3))),  # top-16 principal subspace
     }
 
 
@@ -210,7 +214,8 @@ def main(argv=None) -> int:
     from quantdream.train import EMBEDDED_DEFAULTS
     settings = eval_settings(a)
     z = EMBEDDED_DEFAULTS["zoodip"]
-    table = variants(a.zoodip_steps or z["steps"], z["section"]["lr"], a.budget_fraction, a.ti_steps)
+    table = variants(a.zoodip_steps or z["steps"], z["section"]["lr"], a.budget_fraction, a.ti_steps,
+                     z["section"].get("n", 2), EMBEDDED_DEFAULTS["zoodip-fast"]["steps"])
     chosen = [v for v in a.variants.split(",") if v] or list(table)
     unknown = [v for v in chosen if v not in table]
     if unknown:

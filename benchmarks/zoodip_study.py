@@ -48,6 +48,10 @@ steps. zoodip-t800-n8-1500: the real estimator with n = 8 (a quarter of n = 2's 
 mu: the finite-difference step mu of Eq. 3 (1e-3 in the paper and the reference code) at 1e-4, 1e-2 and 1e-1,
 beside the embedded default, everything else the default. The one ZOODiP setting no earlier study moved.
 
+Every study but the oracle's n = 8 variant pins n = 2, the paper's value and the embedded default until the oracle
+study moved it to 8: "the embedded default" above means [800, 1000), lr 1e-2, 1,500 steps at n = 2, which is what the
+committed reference JSONs (personalization-10subjects-puts800.json) hold as "zoodip".
+
 Runs and evaluations are kept under --out, so an interrupted study continues where it stopped.
 """
 from __future__ import annotations
@@ -62,16 +66,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from personalization import (METRICS, PAPER_PUTS, add_harness_args, eval_settings, evaluate, mean,  # noqa: E402
                              subject_dirs, subject_rows, train)
 
-T800 = {"t_low": 800, "t_high": 1000}   # the embedded default after this study; "zoodip" here pins PAPER_PUTS
-PUTS = {f"zoodip-t{lo}-{hi}": {"t_low": lo, "t_high": hi} for lo, hi in ((500, 1000), (600, 1000), (700, 1000),
-                                                                         (800, 1000), (900, 1000))}
+N2 = {"n": 2}    # the paper's n: every study but "oracle" ran at it (the embedded default until the oracle study)
+T800 = {"t_low": 800, "t_high": 1000, **N2}   # the embedded default after the sweep; "zoodip" here pins PAPER_PUTS
+PAPER = {**PAPER_PUTS, **N2}
+PUTS = {f"zoodip-t{lo}-{hi}": {"t_low": lo, "t_high": hi, **N2} for lo, hi in ((500, 1000), (600, 1000), (700, 1000),
+                                                                                (800, 1000), (900, 1000))}
 STUDIES = {   # variant -> (method, settings section, steps; 0 = the method's embedded default)
-    "sweep": {"ti": ("ti", {}, 0), "zoodip": ("zoodip", PAPER_PUTS, 0)}
+    "sweep": {"ti": ("ti", {}, 0), "zoodip": ("zoodip", PAPER, 0)}
     | {v: ("zoodip", s, 0) for v, s in PUTS.items()}
     | {"t800-tau256": ("zoodip", {**T800, "tau": 256}, 0), "t800-tau512": ("zoodip", {**T800, "tau": 512}, 0),
        "t800-n8": ("zoodip", {**T800, "n": 8}, 500),                 # 500 x (8 + 1) = ZOODiP's 4,500 passes
        "t800-eps1e-4": ("zoodip", {**T800, "adam_eps": 1e-4}, 0)},
-    "best": {"zoodip": ("zoodip", PAPER_PUTS, 0), "zoodip-t800": ("zoodip", T800, 0),
+    "best": {"zoodip": ("zoodip", PAPER, 0), "zoodip-t800": ("zoodip", T800, 0),
              "zoodip-t800-n8": ("zoodip", {**T800, "n": 8}, 500)},
     "long": {"zoodip-t800-3000": ("zoodip", T800, 3000), "zoodip-t800-4500": ("zoodip", T800, 4500),
              "zoodip-t800-9000": ("zoodip", T800, 9000),

@@ -25,14 +25,16 @@ def load_script(name: str):
 
 
 def test_budget_variants_stay_within_the_budget():
-    table = load_script("personalization").variants(1500, 1e-2, 1 / 3)
-    assert table["zoodip"] == ("zoodip", {}, 1500)
-    per_step = {"budget-paper": 3, "budget-cosine": 3, "budget-cosine-subspace": 3, "budget-cosine-antithetic": 4,
-                "budget-cosine-n8": 9, "budget-vocab16": 3}
-    for name, passes in per_step.items():
-        method, section, steps = table[name]
-        assert method == "zoodip" and 0 < steps * passes <= 1500, name
-    assert table["zoodip-vocab16"] == ("zoodip", {"vocab_directions": 16}, 1500)      # at ZOODiP's interval
+    for n in (2, 8):                             # the paper's n and the embedded default's
+        table = load_script("personalization").variants(1500, 1e-2, 1 / 3, zoodip_n=n, fast_steps=500)
+        assert table["zoodip"] == ("zoodip", {}, 1500)
+        per_step = {"budget-paper": n + 1, "budget-cosine": 3, "budget-cosine-subspace": 3,
+                    "budget-cosine-antithetic": 4, "budget-cosine-n8": 9, "budget-vocab16": 3}
+        for name, passes in per_step.items():
+            method, section, steps = table[name]
+            assert method == "zoodip" and 0 < steps * passes <= 1500 * (n + 1) / 3, name
+            assert section.get("n", n) == passes - 1 or name == "budget-cosine-antithetic", name
+    assert table["zoodip-vocab16"] == ("zoodip", {"vocab_directions": 16, "n": 2}, 1500)   # at ZOODiP's interval
     assert table["budget-cosine-n8"][1]["n"] == 8 and table["budget-cosine-antithetic"][1]["scheme"] == "central"
 
 
@@ -42,7 +44,10 @@ def test_budget_vocab16_is_zoodip_fast():
 
     from quantdream.methods.zoodip import ZoodipConfig, ZoodipFastConfig
     from quantdream.train import EMBEDDED_DEFAULTS
-    method, section, steps = load_script("personalization").variants(1500, 1e-2, 1 / 3)["budget-vocab16"]
+    z = EMBEDDED_DEFAULTS["zoodip"]
+    method, section, steps = load_script("personalization").variants(
+        z["steps"], z["section"]["lr"], 1 / 3, zoodip_n=z["section"]["n"],
+        fast_steps=EMBEDDED_DEFAULTS["zoodip-fast"]["steps"])["budget-vocab16"]
     bench = ZoodipConfig(**{**EMBEDDED_DEFAULTS[method]["section"], **section})
     fast = ZoodipFastConfig(**EMBEDDED_DEFAULTS["zoodip-fast"]["section"])
     assert dataclasses.asdict(bench) == dataclasses.asdict(fast) and steps == EMBEDDED_DEFAULTS["zoodip-fast"]["steps"]
@@ -277,22 +282,29 @@ def test_zoodip_study_variants_keep_zoodips_budget():
     studies = load_script("zoodip_study").STUDIES
     for name, (method, section, steps) in studies["sweep"].items():
         passes = (steps or 1500) * (section.get("n", 2) + 1)
-        assert method == "ti" or passes == 4500, name                # ZOODiP's embedded budget: 1500 x 3
-    assert studies["sweep"]["zoodip"] == ("zoodip", {"t_low": 500, "t_high": 900}, 0)   # the paper's interval
-    assert studies["sweep"]["zoodip-t800-1000"][1] == {"t_low": 800, "t_high": 1000}
+        assert method == "ti" or passes == 4500, name                # ZOODiP's n = 2 embedded budget: 1500 x 3
+    assert studies["sweep"]["zoodip"] == ("zoodip", {"t_low": 500, "t_high": 900, "n": 2}, 0)   # the paper's interval
+    assert studies["sweep"]["zoodip-t800-1000"][1] == {"t_low": 800, "t_high": 1000, "n": 2}
     assert studies["best"]["zoodip-t800-n8"] == ("zoodip", {"t_low": 800, "t_high": 1000, "n": 8}, 500)
     from quantdream.train import EMBEDDED_DEFAULTS
-    default = EMBEDDED_DEFAULTS["zoodip"]
+    # every study before "oracle" ran at the then embedded default, n = 2 (the references' "zoodip" rows)
+    default = {**EMBEDDED_DEFAULTS["zoodip"]["section"], "n": 2}
     for name, (method, section, steps) in studies["long"].items():   # the default, only longer (one variant also
-        assert method == "zoodip" and steps > default["steps"], name  # decays its step size): the reference's
-        changed = {k for k, v in section.items() if default["section"].get(k) != v}   # "zoodip" rows are its
-        assert changed <= {"schedule"}, name                                           # 1,500-step point
-    assert studies["long"]["zoodip-t800-9000"] == ("zoodip", {"t_low": 800, "t_high": 1000}, 9000)
-    assert studies["fast"]["zoodip-fast-t800"] == ("zoodip-fast", {"t_low": 800, "t_high": 1000}, 0)
+        assert method == "zoodip" and steps > EMBEDDED_DEFAULTS["zoodip"]["steps"], name  # decays its step size):
+        changed = {k for k, v in section.items() if default.get(k) != v}   # the reference's "zoodip" rows are its
+        assert changed <= {"schedule"}, name                                # 1,500-step point
+    assert studies["long"]["zoodip-t800-9000"] == ("zoodip", {"t_low": 800, "t_high": 1000, "n": 2}, 9000)
+    assert studies["fast"]["zoodip-fast-t800"] == ("zoodip-fast", {"t_low": 800, "t_high": 1000, "n": 2}, 0)
     for name, (method, section, steps) in studies["mu"].items():      # the default with only mu moved
-        changed = {k for k, v in section.items() if default["section"].get(k) != v}
+        changed = {k for k, v in section.items() if default.get(k) != v}
         assert method == "zoodip" and steps == 0 and changed <= {"mu"}, name
     assert sorted(s.get("mu", 1e-3) for _, s, _ in studies["mu"].values()) == [1e-4, 1e-3, 1e-2, 1e-1]
+    oracle = studies["oracle"]                                        # n -> infinity (the expectation), n = 8
+    assert oracle["zoodip-t800-expected"] == ("zoodip", {"t_low": 800, "t_high": 1000, "n": 2, "estimator": "expected"}, 0)
+    assert oracle["zoodip-t800-n8-1500"] == ("zoodip", {"t_low": 800, "t_high": 1000, "n": 8}, 1500)
+    now = EMBEDDED_DEFAULTS["zoodip"]                                 # ... which is the embedded default now
+    assert {**now["section"], **oracle["zoodip-t800-n8-1500"][1]} == now["section"]
+    assert oracle["zoodip-t800-n8-1500"][2] == now["steps"]
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@
     g   = g (I - P_nu^T P_nu)                                                        SG, Eq. 8
     theta <- ZOAdam(theta, g; lr, eps=1e-3);  buffer.push(theta); every tau steps rebuild P_nu
     t ~ U{T_L, ..., T_U - 1} = U{500, ..., 899}                                      PUTS, Eq. 9
-                                       (embedded model: U{800, ..., 999}, train.EMBEDDED_DEFAULTS)
+                                       (embedded model: U{800, ..., 999} and n = 8, train.EMBEDDED_DEFAULTS)
 
 The clean and the n perturbed tokens run as ONE batch through the text encoder and the UNet, with
 one draw of image, caption, eps and t (common random numbers). No autograd anywhere. Every part is
@@ -20,8 +20,8 @@ Beyond the paper (off by default, so ``zoodip`` stays the paper's method):
                                dimension it searches; d_eff = k)
 
 ``zoodip-fast`` (class ZoodipFast) is the winner of the issue-4 search, shipped under its own name: the same
-method with ``vocab_directions = 16`` and, on the embedded model, 1/3 of ZOODiP's steps at ZOODiP's embedded
-PUTS interval [800, 1000) (train.EMBEDDED_DEFAULTS; on SD folders the paper's [500, 900)).
+method with ``vocab_directions = 16`` and, on the embedded model, 1/3 of ZOODiP's steps at n = 2 (1/9 of its UNet
+passes) at ZOODiP's embedded PUTS interval [800, 1000) (train.EMBEDDED_DEFAULTS; on SD folders the paper's [500, 900)).
 Evidence (10 subjects) and its failure case: docs/personalization.md.
 """
 from __future__ import annotations
