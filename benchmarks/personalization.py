@@ -211,11 +211,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
-    from quantdream.train import EMBEDDED_DEFAULTS
+    from quantdream.methods.zoodip import ZoodipConfig
+    from quantdream.train import EMBEDDED_DEFAULTS, SD_DEFAULTS, check_model
     settings = eval_settings(a)
-    z = EMBEDDED_DEFAULTS["zoodip"]
-    table = variants(a.zoodip_steps or z["steps"], z["section"]["lr"], a.budget_fraction, a.ti_steps,
-                     z["section"].get("n", 2), EMBEDDED_DEFAULTS["zoodip-fast"]["steps"])
+    defaults = EMBEDDED_DEFAULTS if check_model(a.model)[1] else SD_DEFAULTS     # what personalize will use
+    z = defaults["zoodip"]
+    zc = ZoodipConfig(**z["section"])
+    table = variants(a.zoodip_steps or z["steps"], zc.lr, a.budget_fraction, a.ti_steps, zc.n,
+                     defaults["zoodip-fast"]["steps"])
     chosen = [v for v in a.variants.split(",") if v] or list(table)
     unknown = [v for v in chosen if v not in table]
     if unknown:

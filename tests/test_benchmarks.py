@@ -325,7 +325,7 @@ def test_zoodip_study_takes_reference_rows_and_resumes(tiny_model, random_evalua
     assert list(V) == ["reference floor (int8)", "reference ti", "reference zoodip", "zoodip-t800"]
     assert V["reference ti"]["world_clip_i"] == 0.4 and V["reference zoodip"]["world_clip_i_ratio_to_ti"] == 0.5
     assert V["zoodip-t800"]["world_clip_i_ratio_to_ti"] == pytest.approx(V["zoodip-t800"]["world_clip_i"] / 0.4)
-    assert V["zoodip-t800"]["settings"] == {"t_low": 800, "t_high": 1000}
+    assert V["zoodip-t800"]["settings"] == {"t_low": 800, "t_high": 1000, "n": 2}
     run = tmp_path / "z" / "runs" / "teal_bag" / "zoodip-t800"
     cfg = tomllib.loads((run / "config.toml").read_text())
     assert cfg["method"] == "zoodip" and [cfg["zoodip"]["t_low"], cfg["zoodip"]["t_high"]] == [800, 1000]
