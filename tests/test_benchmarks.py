@@ -300,7 +300,8 @@ def test_zoodip_study_variants_keep_zoodips_budget():
         assert method == "zoodip" and steps == 0 and changed <= {"mu"}, name
     assert sorted(s.get("mu", 1e-3) for _, s, _ in studies["mu"].values()) == [1e-4, 1e-3, 1e-2, 1e-1]
     oracle = studies["oracle"]                                        # n -> infinity (the expectation), n = 8
-    assert oracle["zoodip-t800-expected"] == ("zoodip", {"t_low": 800, "t_high": 1000, "n": 2, "estimator": "expected"}, 0)
+    expected = {"t_low": 800, "t_high": 1000, "n": 2, "estimator": "expected"}
+    assert oracle["zoodip-t800-expected"] == ("zoodip", expected, 0)
     assert oracle["zoodip-t800-n8-1500"] == ("zoodip", {"t_low": 800, "t_high": 1000, "n": 8}, 1500)
     now = EMBEDDED_DEFAULTS["zoodip"]                                 # ... which is the embedded default now
     assert {**now["section"], **oracle["zoodip-t800-n8-1500"][1]} == now["section"]

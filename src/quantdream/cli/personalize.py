@@ -38,8 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--model", help="'tiny' (the embedded model, default), a local Stable Diffusion diffusers folder, or a "
                        "quantized folder written by `quantdream quantize` (its bit width then fixes --weights)")
     from ..methods import METHODS
-    a("--method", choices=list(METHODS), help="zoodip (default; forward passes only), zoodip-fast (1/9 of its "
-                                             "passes on the embedded model, 1/3 on SD), ti, gf-ti, dreambooth, lora, qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2")
+    a("--method", choices=list(METHODS),
+      help="zoodip (default; forward passes only), zoodip-fast (1/9 of zoodip's passes on the embedded model, 1/3 on SD), "
+           "ti, gf-ti, dreambooth, lora, qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2")
     a("--weights", choices=["auto", "int8", "int4", "none", "nf4"],
       help="weight quantization of the frozen model (default auto: int8; none for dreambooth/lora; nf4 for qlora)")
     a("--acts", type=int, help="8: Q-Diffusion-style calibrated activations on the quantized UNet (W8A8 / W4A8)")
