@@ -60,7 +60,8 @@ def variants(zoodip_steps: int, zoodip_lr: float, fraction: float, ti_steps: int
         "budget-cosine-antithetic": ("zoodip", {**fast, "scheme": "central"}, int(passes // 4)),
         "budget-cosine-n8": ("zoodip", {**fast, "n": 8}, int(passes // 9)),
         "zoodip-vocab16": ("zoodip", vocab, zoodip_steps),                     # directions in the vocabulary's
-        "budget-vocab16": ("zoodip", vocab, min(fast_steps or 10**9, int(passes // 3))),  # top-16 principal subspace
+        "budget-vocab16": ("zoodip", vocab, min(fast_steps, int(passes // 3)) if fast_steps   # top-16 principal
+                           else int(passes // 3)),                                           # subspace
     }
 
 
@@ -94,6 +95,12 @@ def train(subject: Path, name: str, method: str, section: dict, steps: int, out:
     return out
 
 
+def model_defaults(model: str) -> dict:
+    """The per-method defaults personalize applies to ``model``: the embedded model's or Stable Diffusion's."""
+    from quantdream.train import EMBEDDED_DEFAULTS, SD_DEFAULTS, check_model
+    return EMBEDDED_DEFAULTS if check_model(model)[1] else SD_DEFAULTS
+
+
 def stale(out: Path, method: str, section: dict, steps: int, model: str) -> str | None:
     """Why a finished run under ``out`` no longer matches what is asked (changed defaults), or None.
     Every setting the run recorded is compared with what the method would use now, so a changed default of
@@ -101,9 +108,8 @@ def stale(out: Path, method: str, section: dict, steps: int, model: str) -> str 
     import dataclasses
 
     from quantdream.methods import method_class
-    from quantdream.train import EMBEDDED_DEFAULTS, SD_DEFAULTS, check_model
     info = json.loads((out / "run.json").read_text())
-    defaults = (EMBEDDED_DEFAULTS if check_model(model)[1] else SD_DEFAULTS)[method]
+    defaults = model_defaults(model)[method]
     asked = {**defaults["section"], **section}
     want = json.loads(json.dumps(dataclasses.asdict(method_class(method).config_class(**asked))))
     have = info.get("method_config", {})
@@ -212,9 +218,8 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(a.threads)
     from quantdream.methods.zoodip import ZoodipConfig
-    from quantdream.train import EMBEDDED_DEFAULTS, SD_DEFAULTS, check_model
     settings = eval_settings(a)
-    defaults = EMBEDDED_DEFAULTS if check_model(a.model)[1] else SD_DEFAULTS     # what personalize will use
+    defaults = model_defaults(a.model)
     z = defaults["zoodip"]
     zc = ZoodipConfig(**z["section"])
     table = variants(a.zoodip_steps or z["steps"], zc.lr, a.budget_fraction, a.ti_steps, zc.n,

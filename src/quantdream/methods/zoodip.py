@@ -146,9 +146,7 @@ class Zoodip(Method):
             theta = self.theta.detach().clone().requires_grad_(True)
             loss = self.objective(theta[None], batch, streams.noise)[0]
             (grad,) = torch.autograd.grad(loss, theta)
-        if self.config.normalize:
-            grad = grad / math.sqrt((self.d_eff + self.config.n - 1) / self.config.n)
-        return grad, loss.detach()
+        return grad / self.estimator.divisor(self.d_eff), loss.detach()
 
     def state_dict(self) -> dict:
         return {"theta": self.theta.clone(), "adam": self.adam.state_dict(),

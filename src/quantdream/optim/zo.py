@@ -73,10 +73,11 @@ class RandomGradientEstimator:
         else:
             p = (losses[: self.n] - losses[self.n:]) / (2 * self.mu)
         g = torch.einsum("n,n...->...", p, e) / self.n
-        if self.normalize:
-            d = e[0].numel() if d_eff is None else d_eff
-            g = g / math.sqrt((d + self.n - 1) / self.n)
-        return g
+        return g / self.divisor(e[0].numel() if d_eff is None else d_eff)
+
+    def divisor(self, d: int) -> float:
+        """NOTE(paper): the official code's sqrt((d_eff + n - 1) / n) (1 with ``normalize=False``)."""
+        return math.sqrt((d + self.n - 1) / self.n) if self.normalize else 1.0
 
     def __call__(self, f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor,
                  generator: torch.Generator, d_eff: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
