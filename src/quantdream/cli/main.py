@@ -41,7 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(modname)
         sp = mod.add_parser(sub)
         sp.set_defaults(_run=mod.run)
+        if any("--model" in a.option_strings for a in sp._actions):
+            add_prediction_type(sp)
     return p
+
+
+def add_prediction_type(parser: argparse.ArgumentParser) -> None:
+    """Every command that takes --model also takes --prediction-type (single-file SD-2.x checkpoints do
+    not always say whether they are v-prediction models; see docs/checkpoints.md)."""
+    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
+                        help="what the model predicts, overriding the checkpoint / scheduler config (default: read "
+                             "from the model; a single-file SD-2.x checkpoint without a v_pred key or .yaml beside "
+                             "it is taken as v_prediction)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "prediction_type", None):
+            from ..models.load import set_prediction_type
+            set_prediction_type(args.prediction_type)
         return int(args._run(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"quantdream {args.command}: error: {e}", file=sys.stderr)

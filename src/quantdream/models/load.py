@@ -1,6 +1,7 @@
-"""Resolve and load a text-to-image model: ``tiny`` (the embedded model), a diffusers folder, or a
-single-file ``.safetensors``/``.ckpt`` Stable Diffusion checkpoint, or a quantized folder written by
-``quantdream quantize``. Never downloads."""
+"""Resolve and load a text-to-image model: ``tiny`` (the embedded model), a diffusers folder (plain or
+fp16-variant-only), a single-file ``.safetensors``/``.ckpt`` SD-1.x/2.x/SDXL checkpoint, or a quantized
+folder written by ``quantdream quantize``. Never downloads; anything else gets a one-line error naming
+what is supported (docs/checkpoints.md)."""
 from __future__ import annotations
 
 import json
@@ -61,24 +62,55 @@ def resolve_model(model: str | Path) -> Path:
         found = sorted(x.name for x in p.iterdir())[:10]
         raise ValueError(f"{p} is not a diffusers pipeline folder: no model_index.json (it holds {found}). "
                          "Point --model at the folder that contains model_index.json, unet/, vae/, text_encoder/")
-    if p.is_file() and p.suffix not in (".safetensors", ".ckpt"):
-        raise ValueError(f"{p} is not a Stable Diffusion checkpoint (.safetensors or .ckpt expected)")
+    if p.is_file():
+        if p.suffix not in (".safetensors", ".ckpt"):
+            raise ValueError(f"{p} is not a Stable Diffusion checkpoint (.safetensors or .ckpt expected)")
+        from . import single_file
+        single_file.detect(single_file.read_keys(p), p)  # damaged / not SD / SD3, Flux, refiner...: one line
+    elif not is_quantized_folder(p):
+        pipeline_class(p)                                  # unknown pipelines refused before loading
     return p
 
 
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+_NOT_SUPPORTED = {"StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxPipeline": "Flux",
+                  "LatentConsistencyModelPipeline": "a latent consistency (LCM) model",
+                  "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner / img2img pipeline",
+                  "StableDiffusionInpaintPipeline": "an inpainting model",
+                  "StableDiffusionUpscalePipeline": "an upscaler"}
+
+
+def _refuse_distilled(path: Path) -> None:
+    """A few-step distilled model (LCM, LCM-LoRA fused) no longer predicts the noise of the DDPM process
+    that personalization trains on, and it samples with its own scheduler: refuse it by name."""
+    sched = path / "scheduler" / "scheduler_config.json"
+    unet = path / "unet" / "config.json"
+    name = json.loads(sched.read_text()).get("_class_name", "") if sched.is_file() else ""
+    cond = json.loads(unet.read_text()).get("time_cond_proj_dim") if unet.is_file() else None
+    if name in ("LCMScheduler", "TCDScheduler") or cond:
+        raise ValueError(f"{path} is a consistency-distilled model (LCM / LCM-LoRA fused: {name or 'time_cond_proj_dim'}); "
+                         "quantdream supports standard SD-1.x/2.x and SDXL diffusion models: use the base model "
+                         "it was distilled from")
+
+
 def pipeline_class(path: Path):
+    """StableDiffusionPipeline (SD-1.x/2.x) or StableDiffusionXLPipeline; a clear error for any other."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     if is_quantized_folder(path):
         comps = json.loads((path / QUANTIZED_INDEX).read_text()).get("components", {})
         return StableDiffusionXLPipeline if "text_encoder_2" in comps else StableDiffusionPipeline
     if path.is_dir():
         name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
-        if "XL" in name:
-            return StableDiffusionXLPipeline
-        if name and name != "StableDiffusionPipeline":
-            raise ValueError(f"{path} holds a {name}; quantdream supports StableDiffusionPipeline (SD-1.x/2.x) "
-                             "and StableDiffusionXLPipeline")
-    return StableDiffusionPipeline
+        if name and name not in SUPPORTED_PIPELINES:
+            what = _NOT_SUPPORTED.get(name, f"a {name}")
+            raise ValueError(f"{path} holds {what} ({name}); quantdream supports StableDiffusionPipeline "
+                             "(SD-1.x/2.x) and StableDiffusionXLPipeline (SDXL base) folders, and single-file "
+                             "SD-1.x/2.x/SDXL checkpoints; see docs/checkpoints.md")
+        _refuse_distilled(path)
+        return StableDiffusionXLPipeline if name == "StableDiffusionXLPipeline" else StableDiffusionPipeline
+    from . import single_file
+    arch = single_file.detect(single_file.read_keys(path), path)
+    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
 
 
 def is_tiny(path: Path) -> bool:
@@ -119,11 +151,59 @@ def load_quantized_pipeline(path: Path, device: str = "cpu", dtype: torch.dtype 
         if cls.__name__ == "StableDiffusionPipeline" else {}
     pipe = cls(**{c: parts.get(c) for c in names}, **kw)
     pipe.set_progress_bar_config(disable=True)
+    return _apply_prediction_type(pipe)
+
+
+_PREDICTION: list[str] = []    # set by --prediction-type for the whole process
+
+
+def set_prediction_type(prediction_type: str | None) -> None:
+    """What the loaded models predict (epsilon, v_prediction, sample), overriding the file / folder."""
+    from .single_file import PREDICTION_TYPES
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    _PREDICTION[:] = [prediction_type] if prediction_type else []
+
+
+def _apply_prediction_type(pipe):
+    if _PREDICTION and pipe.scheduler is not None:
+        pipe.scheduler.register_to_config(prediction_type=_PREDICTION[0])
     return pipe
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def weights_variant(path: Path) -> str | None:
+    """``"fp16"`` for a folder whose weights are only fp16 variant files (``*.fp16.safetensors``), else None."""
+    index = json.loads((path / "model_index.json").read_text())
+    plain = variant = 0
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None or not (path / name).is_dir():
+            continue
+        files = [f.name for f in (path / name).iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
+        variant += any(".fp16." in f for f in files)
+        plain += any(".fp16." not in f and not f.endswith(".index.json") for f in files)
+    return "fp16" if variant and not plain else None
+
+
+def check_weight_files(path: Path) -> None:
+    """Read the header of every .safetensors in a diffusers folder: a damaged one gets one line, not a
+    traceback from deep inside the loader."""
+    from safetensors import safe_open
+    for f in sorted(path.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - any failure to read the header means the file is unusable
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{f} cannot be read (damaged or truncated .safetensors: {reason[:160]})") from None
+
+
 def load_pipeline(model: str | Path = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load a pipeline in ``dtype`` on ``device`` with no safety checker and no network access."""
+    """Load a pipeline in ``dtype`` on ``device`` with no safety checker and no network access: a
+    diffusers folder (fp16-variant-only folders upcast to ``dtype``), a single-file checkpoint (see
+    :mod:`quantdream.models.single_file`) or a quantized folder."""
     path = resolve_model(model)
     if is_quantized_folder(path):
         return load_quantized_pipeline(path, device, dtype)
@@ -132,11 +212,17 @@ def load_pipeline(model: str | Path = "tiny", device: str = "cpu", dtype: torch.
     new = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 40)
     kw = {"dtype" if new else "torch_dtype": dtype}
     if cls.__name__ == "StableDiffusionPipeline":
-        kw.update(safety_checker=None, requires_safety_checker=False)
+        kw.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if path.is_file():
-        pipe = cls.from_single_file(str(path), local_files_only=True, **kw)
+        from . import single_file
+        pipe = single_file.load(path, _PREDICTION[0] if _PREDICTION else None, **kw)
     else:
+        check_weight_files(path)
+        variant = weights_variant(path)
+        if variant:
+            kw["variant"] = variant
         pipe = cls.from_pretrained(str(path), local_files_only=True, **kw)
+        _apply_prediction_type(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
