@@ -66,7 +66,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--methods", default="all", help="comma-separated methods, or all (default): zoodip, zoodip-fast, ti, gf-ti, "
                                        "dreambooth, lora, qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2")
     a("--out", required=True, help="output folder (new or empty; with --resume, the interrupted comparison)")
-    a("--model", default="tiny", help="'tiny' (the embedded model, default) or a local Stable Diffusion folder")
+    a("--model", default="tiny", help="'tiny' (the embedded model, default), a local Stable Diffusion "
+                                             "folder or single-file .safetensors/.ckpt")
     a("--init-word", dest="init_word",
       help="class word (default: subject.json's class_word; required for plain photos)")
     a("--token", help='token of the token methods (default "<subject-name>")')

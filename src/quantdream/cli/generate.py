@@ -12,7 +12,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "model; writes one PNG per image and grid.png (one row per prompt).")
     p.add_argument("prompts", nargs="*", help="prompt(s); use {} or the token of a loaded embedding for a learned subject")
     p.add_argument("--prompts-file", help="text file with one prompt per line")
-    p.add_argument("--model", default="tiny", help="`tiny` (embedded model, default), a local diffusers folder / .safetensors, "
+    p.add_argument("--model", default="tiny", help="`tiny` (embedded model, default), a local diffusers folder / .safetensors / .ckpt, "
                                                         "or a quantized folder from `quantdream quantize`")
     p.add_argument("--embedding", action="append", default=[],
                    help="learned_embeds.safetensors (or A1111 .pt) to load with diffusers' load_textual_inversion; repeatable")

@@ -25,7 +25,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "int8 = symmetric per-output-channel round-to-nearest (quanto's qint8, as ZOODiP); int4/int2 = "
                     "asymmetric group-wise, packed. --acts 8 adds Q-Diffusion-style activation quantizers "
                     "calibrated over sampling timesteps (W8A8 / W4A8).")
-    p.add_argument("--model", default="tiny", help="`tiny` (embedded model, default) or a local diffusers folder")
+    p.add_argument("--model", default="tiny", help="`tiny` (embedded model, default), a local diffusers folder "
+                                                        "or a single-file .safetensors/.ckpt (docs/checkpoints.md)")
     p.add_argument("--weights", default="int8", help="int8 (default), int4, int2 or none")
     p.add_argument("--group-size", type=int, default=128,
                    help="inputs per scale group for int4/int2 (default 128, quanto's rule; 0 = per output channel)")
