@@ -79,6 +79,14 @@ def test_single_file_loads_offline_with_every_weight(tiny, arch, key, cls, predi
         assert pipe.tokenizer_2.pad_token == "!"
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_generate_renders_from_a_single_file(tiny, tmp_path, arch):
+    out = tmp_path / "img"
+    assert main(["generate", "a photo of a cat", "--model", str(tiny[1][arch]), "--steps", "2", "-n", "1",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert len([f for f in out.glob("*.png") if f.name != "grid.png"]) == 1
+
+
 def test_prediction_type_from_the_file_a_yaml_beside_it_or_the_flag(tiny, tmp_path):
     pipes, files, _ = tiny
     keys = single_file.read_keys(files["sd15"])

@@ -54,8 +54,16 @@ NOT_A_MODEL = (
 
 
 def read_keys(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's name and shape, without loading the weights; a one-line error for a damaged file."""
+    """Every tensor's name and shape, without loading the weights; a one-line error for a damaged file.
+    Read once per file version (a command checks, then loads)."""
     path = Path(path)
+    st = path.stat()
+    return dict(_read_keys(str(path.resolve()), st.st_mtime_ns, st.st_size))
+
+
+@lru_cache(maxsize=8)
+def _read_keys(name: str, mtime_ns: int, size: int) -> dict[str, tuple[int, ...]]:
+    path = Path(name)
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
