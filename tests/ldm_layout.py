@@ -138,6 +138,14 @@ def to_ldm(pipe, arch: str) -> dict[str, torch.Tensor]:
         te2 = _text_state(pipe.text_encoder_2)
         hidden = pipe.text_encoder_2.config.hidden_size
         sd.update({"conditioner.embedders.1.model." + k: v for k, v in openclip(te2, hidden).items()})
+    # what real files carry besides the weights: the DDPM schedule, CLIP's position ids, SDXL's sigmas
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    sd.update(betas=betas, alphas_cumprod=torch.cumprod(1 - betas, 0))
+    if arch == "sd15":
+        sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    if arch == "sdxl":
+        sd["denoiser.sigmas"] = ((1 - sd["alphas_cumprod"]) / sd["alphas_cumprod"]) ** 0.5
+        sd["conditioner.embedders.1.model.logit_scale"] = torch.tensor(4.6)
     return {k: v.contiguous() for k, v in sd.items()}
 
 
