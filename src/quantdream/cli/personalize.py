@@ -36,7 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--init-word", dest="init_word", help="one-token class word to start from, e.g. bag")
     a("--out", help="output folder (new or empty; with --resume, the interrupted run's folder)")
     a("--model", help="'tiny' (the embedded model, default), a local Stable Diffusion diffusers folder, a "
-                       "single-file .safetensors/.ckpt checkpoint (docs/checkpoints.md), or a quantized folder written by `quantdream quantize` (its bit width then fixes --weights)")
+                       "single-file .safetensors/.ckpt checkpoint (docs/checkpoints.md), or a quantized folder "
+                       "written by `quantdream quantize` (its bit width then fixes --weights)")
     from ..methods import METHODS
     a("--method", choices=list(METHODS),
       help="zoodip (default; forward passes only), zoodip-fast (1/9 of zoodip's passes on the embedded model, 1/3 on SD), "

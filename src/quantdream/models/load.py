@@ -88,9 +88,9 @@ def _refuse_distilled(path: Path) -> None:
     name = json.loads(sched.read_text()).get("_class_name", "") if sched.is_file() else ""
     cond = json.loads(unet.read_text()).get("time_cond_proj_dim") if unet.is_file() else None
     if name in ("LCMScheduler", "TCDScheduler") or cond:
-        raise ValueError(f"{path} is a consistency-distilled model (LCM / LCM-LoRA fused: {name or 'time_cond_proj_dim'}); "
-                         "quantdream supports standard SD-1.x/2.x and SDXL diffusion models: use the base model "
-                         "it was distilled from")
+        raise ValueError(f"{path} is a consistency-distilled model (LCM / LCM-LoRA fused: "
+                         f"{name or 'time_cond_proj_dim'}); quantdream supports standard SD-1.x/2.x and SDXL "
+                         "diffusion models: use the base model it was distilled from")
 
 
 def pipeline_class(path: Path):
