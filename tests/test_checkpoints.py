@@ -100,6 +100,10 @@ def test_prediction_type_from_the_file_a_yaml_beside_it_or_the_flag(tiny, tmp_pa
     assert load.load_pipeline(f).scheduler.config.prediction_type == "v_prediction"
     load.set_prediction_type("epsilon")
     assert load.load_pipeline(f).scheduler.config.prediction_type == "epsilon"
+    folder = tmp_path / "folder"                   # the flag also overrides a folder's scheduler config
+    pipes["sd15"].save_pretrained(str(folder))
+    load.set_prediction_type("v_prediction")
+    assert load.load_pipeline(folder).scheduler.config.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="--prediction-type must be one of"):
         load.set_prediction_type("x0")
 
@@ -161,11 +165,13 @@ def _keys_file(path, keys):
     (lambda d, f: _keys_file(d / "unet.safetensors", {single_file.UNET_IN: (8, 4, 3, 3),
                                                       "cond_stage_model.transformer.x": (2,)}), "has no VAE"),
 ])
-def test_bad_single_files_get_one_line_and_nothing_written(tiny, tmp_path, capsys, make, match):
+def test_bad_single_files_get_one_line_and_nothing_written(tiny, photos, tmp_path, capsys, make, match):
     f = make(tmp_path, tiny[1]["sd15"])
     out = tmp_path / "out"
     for cmd in (["quantize", "--model", str(f), "--out", str(out)],
-                ["generate", "a cat", "--model", str(f), "--out", str(tmp_path / "img.png")]):
+                ["generate", "a cat", "--model", str(f), "--out", str(tmp_path / "img.png")],
+                ["personalize", "--model", str(f), "--images", str(photos), "--token", "<my-cat>", "--init-word",
+                 "cat", "--steps", "3", "--out", str(out)]):
         assert main(cmd) == 2
         err = capsys.readouterr().err.strip()
         assert match in err and "Traceback" not in err and len(err.splitlines()) == 1, err
