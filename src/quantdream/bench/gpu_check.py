@@ -401,6 +401,7 @@ class Check:
     def __init__(self, args) -> None:
         self.args, self.t0 = args, time.perf_counter()
         self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.json_path, self.log_path = self.out / "gpu_check.json", self.out / "gpu_check.log"
         self.runs = plan(args.steps, args.dry_run, args.models, args.methods)
         self.weights = {r: _default_weights(r.method) for r in self.runs}
@@ -626,7 +627,6 @@ def main(argv=None) -> int:
         print("gpu_check: no NVIDIA device here (no nvidia-smi, no /dev/nvidiactl); use --device cpu --dry-run",
               file=sys.stderr)
         return 2
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     check = Check(args)
     code = check.run()
     bad = validate(json.loads(check.json_path.read_text()))
