@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -265,7 +266,7 @@ class Launcher:
         if kind == "fork":
             import multiprocessing as mp
             self.ctx = mp.get_context("forkserver")
-            self.ctx.set_forkserver_preload(["quantdream.bench.gpu_check", "torch", "diffusers", "transformers", "quantdream.bench.memory",
+            self.ctx.set_forkserver_preload(["quantdream.cli.main", "torch", "diffusers", "transformers", "quantdream.bench.memory",
                                              "quantdream.train", "quantdream.models.embedded",
                                              "quantdream.models.arch"])
 
@@ -275,10 +276,12 @@ class Launcher:
         if self.kind == "fork":
             proc = self.ctx.Process(target=_child, args=(spec_json, str(result), str(log), self.dry_run))
             proc.start()
-            with NvidiaSmi(proc.pid) as smi:
-                proc.join(timeout)
-                timed_out = proc.is_alive()
-                if timed_out:
+            try:
+                with NvidiaSmi(proc.pid) as smi:
+                    proc.join(timeout)
+                    timed_out = proc.is_alive()
+            finally:                       # also when this process is interrupted: no orphan holds the GPU
+                if proc.is_alive():
                     proc.kill()
                     proc.join()
             code = proc.exitcode
@@ -290,13 +293,15 @@ class Launcher:
             with open(log, "w") as f:
                 proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                         start_new_session=True)
-                with NvidiaSmi(proc.pid) as smi:
-                    try:
+                try:
+                    with NvidiaSmi(proc.pid) as smi:
                         code, timed_out = proc.wait(timeout), False
-                    except subprocess.TimeoutExpired:
-                        timed_out = True
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                finally:                   # also when this process is interrupted: no orphan holds the GPU
+                    if proc.poll() is None:
                         os.killpg(proc.pid, 9)
-                        code = proc.wait()
+                    code = proc.wait()
         if timed_out:
             return {"status": "failed", "error": f"killed after {timeout:.0f} s (budget)",
                     "log_tail": _tail(log, 8), "nvidia_smi_used_mib": smi.peak_mib}
@@ -357,6 +362,19 @@ def _gpu_info() -> dict:
     except (OSError, subprocess.SubprocessError) as e:
         return {"nvidia_smi": f"failed: {e}"}
     return {"nvidia_smi": out.strip().splitlines()}
+
+
+def _device_used_mib() -> float | None:
+    """Memory in use on the device (all processes) as nvidia-smi reports it; None without nvidia-smi."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=10).stdout.split()
+        return float(out[0]) if out else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
 
 
 class FolderWriter:
@@ -447,11 +465,24 @@ class Check:
                 folders[(r.arch, w)] = FolderWriter(r.arch, w, work / f"{r.arch}-{w}", a.dry_run,
                                                     work / f"folder-{r.arch}-{w}.log")
         longest: dict[str, float] = {}
+        old_handler = signal.signal(signal.SIGTERM, _terminate)
         try:
             for i, r in enumerate(self.runs):
+                self.doc["running"] = self.doc["plan"][i]
                 self._one(i, r, launcher, folders, longest)
                 self.save()
+            self.doc.pop("running")
+        except (KeyboardInterrupt, SystemExit) as e:
+            self.doc["interrupted"] = f"{type(e).__name__} during {self.doc.get('running')}"
+            if self.doc.get("running"):
+                i = self.doc["plan"].index(self.doc["running"])
+                self.rows[i] = _row(self.runs[i], self.weights[self.runs[i]],
+                                    {"status": "failed", "error": f"interrupted ({type(e).__name__}) while running"})
+            self.save()
+            self.log(f"interrupted ({self.doc['interrupted']}); {self.json_path} has every finished run")
+            raise
         finally:
+            signal.signal(signal.SIGTERM, old_handler)
             for f in folders.values():
                 if isinstance(f, FolderWriter):
                     f.kill()
@@ -478,7 +509,7 @@ class Check:
         key = (r.arch, w)
         pending = folders.get(key)
         if isinstance(pending, FolderWriter):
-            guess += FOLDER_GUESS_S - (time.perf_counter() - pending.started) if not a.dry_run else 0.0
+            guess += max(0.0, FOLDER_GUESS_S - (time.perf_counter() - pending.started)) if not a.dry_run else 0.0
         if guess > left:
             self.rows[i] = _row(r, w, {"status": "not run (budget)",
                                        "note": f"{left:.0f} s left of the budget, about {guess:.0f} s needed"})
@@ -502,11 +533,12 @@ class Check:
             self.rows[i] = _row(r, w, {"status": "not run (budget)", "note": "budget spent"})
             self.log(f"{name}: not run (budget spent)")
             return
+        before = _device_used_mib()
         t = time.perf_counter()
         m = launcher.run(spec, f"{i:02d}-{r.model}-{r.method}", min(left, a.run_timeout_s))
         wall = time.perf_counter() - t
         longest[r.model] = max(longest.get(r.model, 0.0), wall)
-        extra = {"wall_s": wall, **({"model_note": note} if note else {})}
+        extra = {"wall_s": wall, "device_used_before_mib": before, **({"model_note": note} if note else {})}
         self.rows[i] = _row(r, w, m, **extra)
         row = self.rows[i]
         if row["status"] == "ok":
@@ -518,6 +550,10 @@ class Check:
             self.log(f"{name} ({w}): {row['status']}: {row.get('error', row.get('note', ''))}")
             for line in row.get("traceback_tail") or row.get("log_tail") or []:
                 self.log(f"    {line}")
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _mib(x) -> str:
