@@ -141,3 +141,33 @@ def test_cpu_dry_run_of_the_whole_plan(tmp_path):
     assert rows[("sd15", "zoodip")]["model_source"] == "quantized folder, loaded as --model DIR"
     assert rows[("embedded", "zoodip")]["unet_forward_passes_per_step"] == 3          # n = 2 directions + 1
     assert (tmp_path / "gpu_check.log").read_text().count(": ok,") >= 20
+
+
+def test_a_cuda_init_error_in_the_first_forked_run_falls_back_to_fresh_interpreters(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(self, spec, name, timeout):
+        calls.append((self.kind, spec.method))
+        if self.kind == "fork":
+            return {"status": "failed", "error": "RuntimeError: CUDA error: initialization error"}
+        return {"status": "ok", "seconds_per_step": 0.1, "unet_forward_passes_per_step": 1.0,
+                "cuda_max_allocated_mib": 300.0, "process_total_mib": 900.0}
+    monkeypatch.setattr(gc.Launcher, "run", fake_run)
+    args = gc.parse_args(["--out", str(tmp_path), "--device", "cuda", "--models", "embedded", "--methods", "ti,zoodip"])
+    assert gc.Check(args).run() == 0
+    assert calls == [("fork", "zoodip"), ("subprocess", "zoodip"), ("subprocess", "ti")]
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert gc.validate(doc) == [] and doc["settings"]["launcher"].startswith("fork, then subprocess")
+
+
+def test_an_interrupted_check_keeps_its_json_and_names_the_run(tmp_path, monkeypatch):
+    def fake_run(self, spec, name, timeout):
+        if spec.method == "ti":
+            raise KeyboardInterrupt
+        return {"status": "ok", "seconds_per_step": 1.0, "unet_forward_passes_per_step": 1.0}
+    monkeypatch.setattr(gc.Launcher, "run", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        gc.Check(_args(tmp_path, "--models", "embedded", "--methods", "zoodip,ti,lora")).run()
+    doc = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert doc["interrupted"] == "KeyboardInterrupt during embedded/ti" and not doc["finished"]
+    assert [r["status"] for r in doc["runs"]] == ["ok", "failed", "not run (budget)"] and gc.validate(doc) == []

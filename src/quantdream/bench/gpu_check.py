@@ -7,7 +7,11 @@ architecture at 512 px and on the embedded model, all random weights, into one J
 Each (model, method) of the plan is one ``bench memory`` configuration (:mod:`quantdream.bench.memory`:
 the model prepared as the method runs it, int8/int4 runs loading a quantized folder as ``personalize
 --model DIR`` does, the method's own ``setup`` / ``step`` / ``export``), measured in a fresh process so
-the CUDA figures belong to that method alone and a crash stops nothing else. Per run it records
+the CUDA figures belong to that method alone and a crash stops nothing else: forked from a forkserver that
+imported torch, diffusers and transformers once and never touched CUDA (a few seconds less per run; if the
+first CUDA run cannot initialise CUDA or hangs, the check falls back to a fresh interpreter per run, which
+``--launcher subprocess`` asks for from the start). SD-1.5's int8 folder is written by a CPU-only process
+in the background while the embedded runs use the GPU. Per run it records
 
 - ``cuda_max_allocated_mib``: ``torch.cuda.max_memory_allocated`` over setup and training (the figure
   the papers' PyTorch profiler reports), with the training steps alone and ``max_memory_reserved`` beside;
@@ -28,8 +32,8 @@ The JSON is rewritten after every run, so a kill leaves every finished run on di
 first guess) would pass it, and kills a run still going when it is spent. The plan runs the embedded
 model first (every method, seconds each), then SD-1.5: zoodip, ti, dreambooth, lora, peqa, tuneqdm, the
 others. ``--dry-run`` runs the same plan and writes the same JSON with 1 step on tiny stand-ins of the
-same architectures (SD-1.5's component classes at a few channels, 64 px) in forked processes, in about a
-minute on a CPU.
+same architectures (SD-1.5's component classes and block layout at a few channels, 64 px), in about a
+minute on an idle 2-core CPU.
 """
 from __future__ import annotations
 
@@ -65,6 +69,9 @@ SD15_ORDER = ("zoodip", "ti", "dreambooth", "lora", "peqa", "tuneqdm", "zoodip-f
               "tuneqdm-s2", "tuneqdm-s1", "qlora")
 STATUSES = ("ok", "failed", "skipped", "not run (budget)")
 FIRST_GUESS_S = {"embedded": 20.0, "sd15": 60.0}          # a run's time before one of its model has run
+FIRST_FORK_TIMEOUT_S = 45.0                                # the first forked CUDA run (an embedded one: seconds)
+FORK_CUDA_ERRORS = ("initialization error", "re-initialize CUDA", "forked subprocess", "cudaErrorInitializationError",
+                    "CUDA driver initialization failed", "CUDA_ERROR_NOT_INITIALIZED")
 FOLDER_GUESS_S = 60.0                                      # writing SD-1.5's int8 folder (overlaps the embedded runs)
 # Tiny stand-ins of SD-1.5's components for --dry-run: the same classes and block layout, a few channels.
 DRY_RUN_SD15 = {
@@ -263,8 +270,12 @@ class Launcher:
 
     def __init__(self, kind: str, dry_run: bool, workdir: Path) -> None:
         self.kind, self.dry_run, self.workdir = kind, dry_run, workdir
+        self.forked_cuda_checked = False     # the first forked CUDA run has worked
         if kind == "fork":
             import multiprocessing as mp
+            # torch.cuda.is_available() through NVML in the forkserver, never cuInit (not fork-safe); nothing
+            # preloaded touches CUDA (only bitsandbytes asks at import, and then through this check)
+            os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
             self.ctx = mp.get_context("forkserver")
             self.ctx.set_forkserver_preload(["quantdream.cli.main", "torch", "diffusers", "transformers", "quantdream.bench.memory",
                                              "quantdream.train", "quantdream.models.embedded",
@@ -456,7 +467,7 @@ class Check:
         self.log(f"gpu check: {len(self.runs)} runs, device {a.device}, budget {a.budget_s:.0f} s"
                  + (", dry run (tiny stand-ins, 1 step)" if a.dry_run else ""))
         work = Path(tempfile.mkdtemp(prefix="qd-gpu-check-"))
-        launcher = Launcher(a.launcher, a.dry_run, work)
+        launcher = self.launcher = Launcher(a.launcher, a.dry_run, work)
         folders: dict[tuple, FolderWriter | Path | str] = {}
         for r in self.runs:     # quantized SD-1.5 folders: written in the background from the start
             w = self.weights[r]
@@ -469,7 +480,7 @@ class Check:
         try:
             for i, r in enumerate(self.runs):
                 self.doc["running"] = self.doc["plan"][i]
-                self._one(i, r, launcher, folders, longest)
+                self._one(i, r, folders, longest)
                 self.save()
             self.doc.pop("running")
         except (KeyboardInterrupt, SystemExit) as e:
@@ -486,7 +497,7 @@ class Check:
             for f in folders.values():
                 if isinstance(f, FolderWriter):
                     f.kill()
-            launcher.close()
+            self.launcher.close()
             shutil.rmtree(work, ignore_errors=True)
         self.doc["finished"] = True
         self.save()
@@ -495,7 +506,23 @@ class Check:
         self.log_file.close()
         return 1 if s["failed"] else 0
 
-    def _one(self, i: int, r: Run, launcher: Launcher, folders: dict, longest: dict) -> None:
+    def _launch(self, spec: BenchSpec, name: str, timeout: float) -> dict:
+        """One run; the first forked run on CUDA is watched: a CUDA initialisation error or a hang there
+        (CUDA state inherited across fork) switches the check to fresh interpreters and runs it again."""
+        launcher = self.launcher
+        if launcher.kind != "fork" or spec.device == "cpu" or launcher.forked_cuda_checked:
+            return launcher.run(spec, name, timeout)
+        m = launcher.run(spec, name, min(timeout, FIRST_FORK_TIMEOUT_S))
+        err = m.get("error", "") if m.get("status") == "failed" else ""
+        if err and (any(p in err for p in FORK_CUDA_ERRORS) or err.startswith("killed after")):
+            self.log(f"{spec.arch}/{spec.method}: forked run failed ({err}); fresh interpreters from now on")
+            self.launcher = Launcher("subprocess", launcher.dry_run, launcher.workdir)
+            self.doc["settings"]["launcher"] = f"fork, then subprocess (fork failed: {err[:200]})"
+            return self.launcher.run(spec, name + "-again", max(1.0, timeout - FIRST_FORK_TIMEOUT_S))
+        launcher.forked_cuda_checked = m.get("status") == "ok"
+        return m
+
+    def _one(self, i: int, r: Run, folders: dict, longest: dict) -> None:
         a, w = self.args, self.weights[r]
         name = f"{r.model}/{r.method}"
         why = skip_reason(r.method, a.device)
@@ -535,7 +562,7 @@ class Check:
             return
         before = _device_used_mib()
         t = time.perf_counter()
-        m = launcher.run(spec, f"{i:02d}-{r.model}-{r.method}", min(left, a.run_timeout_s))
+        m = self._launch(spec, f"{i:02d}-{r.model}-{r.method}", min(left, a.run_timeout_s))
         wall = time.perf_counter() - t
         longest[r.model] = max(longest.get(r.model, 0.0), wall)
         extra = {"wall_s": wall, "device_used_before_mib": before, **({"model_note": note} if note else {})}
@@ -616,9 +643,10 @@ def parse_args(argv=None):
       help="seconds before one run is killed (default 240)")
     a("--models", default="embedded,sd15", help="comma-separated: embedded, sd15 (default both)")
     a("--methods", default=",".join(METHODS), help="comma-separated methods (default all)")
-    a("--launcher", choices=["subprocess", "fork"], default=None,
-      help="fresh interpreter per run (default on cuda) or a fork of a process that imported torch once "
-           "(default with --dry-run)")
+    a("--launcher", choices=["fork", "subprocess"], default="fork",
+      help="fork: each run forked from a process that imported torch, diffusers and transformers once and never "
+           "touched CUDA (default; a few seconds less per run; if the first CUDA run fails to initialise CUDA "
+           "the check falls back to subprocess); subprocess: a fresh interpreter per run")
     a("--threads", type=int, default=0, help="torch CPU threads per run (default: torch's choice)")
     # internal entry points
     a("--child", help=argparse.SUPPRESS)
@@ -641,7 +669,6 @@ def parse_args(argv=None):
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             ap.error(f"--out {args.out!r} is a file; give a folder")
-        args.launcher = args.launcher or ("fork" if args.dry_run else "subprocess")
     return args
 
 
