@@ -139,7 +139,7 @@ def test_cpu_dry_run_of_the_whole_plan(tmp_path):
         assert r["cpu_whole_process_peak_mib"] > 0
     rows = {(r["model"], r["method"]): r for r in doc["runs"]}
     assert rows[("sd15", "zoodip")]["model_source"] == "quantized folder, loaded as --model DIR"
-    assert rows[("embedded", "zoodip")]["unet_forward_passes_per_step"] == 3          # n = 2 directions + 1
+    assert rows[("embedded", "zoodip")]["unet_forward_passes_per_step"] == 3          # n + 1, n = 2 directions
     assert (tmp_path / "gpu_check.log").read_text().count(": ok,") >= 20
 
 
