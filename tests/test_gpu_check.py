@@ -171,3 +171,9 @@ def test_an_interrupted_check_keeps_its_json_and_names_the_run(tmp_path, monkeyp
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["interrupted"] == "KeyboardInterrupt during embedded/ti" and not doc["finished"]
     assert [r["status"] for r in doc["runs"]] == ["ok", "failed", "not run (budget)"] and gc.validate(doc) == []
+
+
+def test_cuda_without_a_gpu_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gc, "has_gpu", lambda: False)
+    assert gc.main(["--out", str(tmp_path / "out")]) == 2
+    assert "no GPU here" in capsys.readouterr().err and not (tmp_path / "out").exists()

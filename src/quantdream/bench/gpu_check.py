@@ -625,6 +625,12 @@ def validate(doc: dict) -> list[str]:
     return bad
 
 
+def has_gpu() -> bool:
+    """A GPU driver is visible (checked without importing torch or touching CUDA)."""
+    return bool(shutil.which("nvidia-smi")) or any(Path(p).exists() for p in (
+        "/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/kfd"))
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog="gpu_check", description="Every method for a few real training steps on the embedded model and on "
@@ -685,10 +691,9 @@ def main(argv=None) -> int:
         arch, weights, out = args.write_folder
         write_random_folder(arch, weights, 0, Path(out))
         return 0
-    if args.device == "cuda" and not args.dry_run and not shutil.which("nvidia-smi") \
-            and not Path("/dev/nvidiactl").exists():
-        print("gpu_check: no NVIDIA device here (no nvidia-smi, no /dev/nvidiactl); use --device cpu --dry-run",
-              file=sys.stderr)
+    if args.device == "cuda" and not has_gpu():
+        print("gpu_check: --device cuda but no GPU here (no nvidia-smi, no /dev/nvidia*, no /dev/kfd); "
+              "use --device cpu --dry-run", file=sys.stderr)
         return 2
     check = Check(args)
     code = check.run()
