@@ -277,9 +277,9 @@ class Launcher:
             # preloaded touches CUDA (only bitsandbytes asks at import, and then through this check)
             os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
             self.ctx = mp.get_context("forkserver")
-            self.ctx.set_forkserver_preload(["quantdream.cli.main", "torch", "diffusers", "transformers", "quantdream.bench.memory",
-                                             "quantdream.train", "quantdream.models.embedded",
-                                             "quantdream.models.arch"])
+            self.ctx.set_forkserver_preload(["quantdream.cli.main", "torch", "diffusers", "transformers",
+                                             "quantdream.bench.memory", "quantdream.train",
+                                             "quantdream.models.embedded", "quantdream.models.arch"])
 
     def run(self, spec: BenchSpec, name: str, timeout: float) -> dict:
         result, log = self.workdir / f"{name}.json", self.workdir / f"{name}.log"
@@ -345,7 +345,7 @@ def _row(run: Run, weights: str, measured: dict | None = None, **extra) -> dict:
     row["status"] = m.get("status", "failed")
     if "whole_process_peak_mib" in m:
         row["cpu_whole_process_peak_mib"] = m["whole_process_peak_mib"]
-    if "model" in m:                   # bench memory's "quantized folder, loaded as --model DIR" / "built layer by layer"
+    if "model" in m:     # bench memory's "quantized folder, loaded as --model DIR" or "built layer by layer"
         row["model_source"] = m.pop("model")
     for k in ("error", "note", "log_tail", "traceback_tail"):
         if m.get(k):
@@ -467,7 +467,7 @@ class Check:
         self.log(f"gpu check: {len(self.runs)} runs, device {a.device}, budget {a.budget_s:.0f} s"
                  + (", dry run (tiny stand-ins, 1 step)" if a.dry_run else ""))
         work = Path(tempfile.mkdtemp(prefix="qd-gpu-check-"))
-        launcher = self.launcher = Launcher(a.launcher, a.dry_run, work)
+        self.launcher = Launcher(a.launcher, a.dry_run, work)
         folders: dict[tuple, FolderWriter | Path | str] = {}
         for r in self.runs:     # quantized SD-1.5 folders: written in the background from the start
             w = self.weights[r]
