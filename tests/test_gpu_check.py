@@ -52,6 +52,12 @@ def test_a_failing_run_becomes_a_row_with_the_errors_last_line():
     assert r["status"] == "failed" and r["error"].startswith("ValueError") and r["seconds_per_step"] is None
 
 
+def _fake_runs(monkeypatch, run):
+    """Launcher.run replaced (no process starts, no forkserver)."""
+    monkeypatch.setattr(gc.Launcher, "run", run)
+    monkeypatch.setattr(gc.Launcher, "warm_up", lambda self: None)
+
+
 def _args(tmp_path, *extra):
     return gc.parse_args(["--out", str(tmp_path), "--device", "cpu", "--dry-run", *extra])
 
@@ -65,7 +71,7 @@ def test_budget_records_runs_not_started_and_failures_do_not_stop_the_rest(tmp_p
             return {"status": "failed", "error": "RuntimeError: CUDA out of memory"}
         return {"status": "ok", "seconds_per_step": 0.5, "unet_forward_passes_per_step": 3.0,
                 "training_peak": {"vmhwm_mib": 100.0}, "whole_process_peak_mib": 120.0}
-    monkeypatch.setattr(gc.Launcher, "run", fake_run)
+    _fake_runs(monkeypatch, fake_run)
     check = gc.Check(_args(tmp_path, "--models", "embedded", "--methods", "ti,zoodip,lora"))
     assert check.run() == 1                                   # one run failed
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -91,7 +97,7 @@ def test_json_after_every_run_survives_a_kill(tmp_path, monkeypatch):
     def fake_run(self, spec, name, timeout):
         seen.append(json.loads((tmp_path / "gpu_check.json").read_text()))   # what a kill now would leave
         return {"status": "ok", "seconds_per_step": 1.0, "unet_forward_passes_per_step": 1.0}
-    monkeypatch.setattr(gc.Launcher, "run", fake_run)
+    _fake_runs(monkeypatch, fake_run)
     gc.Check(_args(tmp_path, "--models", "embedded", "--methods", "ti,lora")).run()
     assert [r["status"] for r in seen[1]["runs"]] == ["ok", "not run (budget)"] and not seen[1]["finished"]
     assert gc.validate(seen[1]) == []
@@ -152,7 +158,7 @@ def test_a_cuda_init_error_in_the_first_forked_run_falls_back_to_fresh_interpret
             return {"status": "failed", "error": "RuntimeError: CUDA error: initialization error"}
         return {"status": "ok", "seconds_per_step": 0.1, "unet_forward_passes_per_step": 1.0,
                 "cuda_max_allocated_mib": 300.0, "process_total_mib": 900.0}
-    monkeypatch.setattr(gc.Launcher, "run", fake_run)
+    _fake_runs(monkeypatch, fake_run)
     args = gc.parse_args(["--out", str(tmp_path), "--device", "cuda", "--models", "embedded", "--methods", "ti,zoodip"])
     assert gc.Check(args).run() == 0
     assert calls == [("fork", "zoodip"), ("subprocess", "zoodip"), ("subprocess", "ti")]
@@ -165,7 +171,7 @@ def test_an_interrupted_check_keeps_its_json_and_names_the_run(tmp_path, monkeyp
         if spec.method == "ti":
             raise KeyboardInterrupt
         return {"status": "ok", "seconds_per_step": 1.0, "unet_forward_passes_per_step": 1.0}
-    monkeypatch.setattr(gc.Launcher, "run", fake_run)
+    _fake_runs(monkeypatch, fake_run)
     with pytest.raises(KeyboardInterrupt):
         gc.Check(_args(tmp_path, "--models", "embedded", "--methods", "zoodip,ti,lora")).run()
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -177,3 +183,34 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_written(tmp_path, monk
     monkeypatch.setattr(gc, "has_gpu", lambda: False)
     assert gc.main(["--out", str(tmp_path / "out")]) == 2
     assert "no GPU here" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_runs_that_need_a_folder_still_being_written_let_the_others_go_first(tmp_path, monkeypatch):
+    calls = []
+
+    class SlowFolder(gc.FolderWriter):
+        def __init__(self, arch, weights, out, dry_run, log):
+            self.out, self.started, self.polls = out, 0.0, 0
+            self.proc = self
+
+        def poll(self):                     # written once three runs have gone
+            return 0 if len(calls) >= 3 else None
+
+        def wait(self, timeout):
+            return None
+
+        def kill(self):
+            pass
+    monkeypatch.setattr(gc, "FolderWriter", SlowFolder)
+    _fake_runs(monkeypatch, lambda self, spec, name, timeout: calls.append(
+        (spec.arch, spec.method, bool(spec.model_dir))) or {"status": "ok", "seconds_per_step": 1.0,
+                                                            "unet_forward_passes_per_step": 1.0})
+    gc.Check(_args(tmp_path, "--models", "embedded,sd15", "--methods", "zoodip,ti,lora")).run()
+    assert calls == [("tiny", "zoodip", False), ("tiny", "ti", False), ("tiny", "lora", False),
+                     ("sd15", "zoodip", True), ("sd15", "ti", False), ("sd15", "lora", False)]
+    calls.clear()
+    monkeypatch.setattr(SlowFolder, "poll", lambda self: None if len(calls) < 5 else 0)
+    gc.Check(_args(tmp_path / "b", "--models", "embedded,sd15", "--methods", "zoodip,ti,lora")).run()
+    assert [c[:2] for c in calls[3:]] == [("sd15", "ti"), ("sd15", "lora"), ("sd15", "zoodip")]
+    doc = json.loads((tmp_path / "b" / "gpu_check.json").read_text())
+    assert doc["plan"][3:] == ["sd15/zoodip", "sd15/ti", "sd15/lora"] and gc.validate(doc) == []
