@@ -214,3 +214,10 @@ def test_runs_that_need_a_folder_still_being_written_let_the_others_go_first(tmp
     assert [c[:2] for c in calls[3:]] == [("sd15", "ti"), ("sd15", "lora"), ("sd15", "zoodip")]
     doc = json.loads((tmp_path / "b" / "gpu_check.json").read_text())
     assert doc["plan"][3:] == ["sd15/zoodip", "sd15/ti", "sd15/lora"] and gc.validate(doc) == []
+
+
+def test_a_run_past_its_time_limit_is_killed_and_recorded(tmp_path):
+    launcher = gc.Launcher("subprocess", True, tmp_path)
+    m = launcher.run(BenchSpec(arch="tiny", method="ti", steps=1, device="cpu"), "slow", 0.5)
+    assert m["status"] == "failed" and m["error"] == "killed after 0 s (time limit)"
+    assert not (tmp_path / "slow.json").exists()

@@ -332,7 +332,7 @@ class Launcher:
                         os.killpg(proc.pid, 9)
                     code = proc.wait()
         if timed_out:
-            return {"status": "failed", "error": f"killed after {timeout:.0f} s (budget)",
+            return {"status": "failed", "error": f"killed after {timeout:.0f} s (time limit)",
                     "log_tail": _tail(log, 8), "nvidia_smi_used_mib": smi.peak_mib}
         if code == 0 and result.is_file():
             return {**json.loads(result.read_text()), "nvidia_smi_used_mib": smi.peak_mib}
@@ -600,6 +600,9 @@ class Check:
         t = time.perf_counter()
         m = self._launch(spec, f"{i:02d}-{r.model}-{r.method}", min(left, a.run_timeout_s))
         wall = time.perf_counter() - t
+        if m.get("error", "").endswith("(time limit)"):
+            m["error"] = m["error"].replace("(time limit)", "(--run-timeout-s)" if a.run_timeout_s < left else
+                                            "(the check's --budget-s ran out)")
         longest[r.model] = max(longest.get(r.model, 0.0), wall)
         extra = {"wall_s": wall, "device_used_before_mib": before, **({"model_note": note} if note else {})}
         self.rows[i] = _row(r, w, m, **extra)
