@@ -28,7 +28,7 @@ in the background while the embedded runs use the GPU. Per run it records
   bitsandbytes missing for qlora) or ``not run (budget)``.
 
 The JSON is rewritten after every run, so a kill leaves every finished run on disk. ``--budget-s``
-(default 540) stops starting runs whose estimated time (the longest run of the same model so far, or a
+(default 540) stops starting runs whose estimated time (the median run of the same model so far, or a
 first guess) would pass it, and kills a run still going when it is spent. The plan runs the embedded
 model first (every method, seconds each), then SD-1.5: zoodip, ti, dreambooth, lora, peqa, tuneqdm, the
 others. ``--dry-run`` runs the same plan and writes the same JSON with 1 step on tiny stand-ins of the
@@ -44,6 +44,7 @@ import logging
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -493,7 +494,7 @@ class Check:
                     and (r.arch, w) not in folders:
                 folders[(r.arch, w)] = FolderWriter(r.arch, w, work / f"{r.arch}-{w}", a.dry_run,
                                                     work / f"folder-{r.arch}-{w}.log")
-        longest: dict[str, float] = {}
+        walls: dict[str, list[float]] = {}
         old_handler = signal.signal(signal.SIGTERM, _terminate)
         try:
             warm = self.launcher.warm_up()
@@ -504,7 +505,7 @@ class Check:
             while queue:
                 i = self._next(queue, folders)
                 self.doc["running"] = self.doc["plan"][i]
-                self._one(i, self.runs[i], folders, longest)
+                self._one(i, self.runs[i], folders, walls)
                 self.save()
             self.doc.pop("running")
         except (KeyboardInterrupt, SystemExit) as e:
@@ -558,7 +559,7 @@ class Check:
         launcher.forked_cuda_checked = m.get("status") == "ok"
         return m
 
-    def _one(self, i: int, r: Run, folders: dict, longest: dict) -> None:
+    def _one(self, i: int, r: Run, folders: dict, walls: dict) -> None:
         a, w = self.args, self.weights[r]
         name = f"{r.model}/{r.method}"
         why = skip_reason(r.method, a.device)
@@ -567,7 +568,8 @@ class Check:
             self.log(f"{name}: skipped ({why})")
             return
         left = a.budget_s - self.elapsed()
-        guess = longest.get(r.model, FIRST_GUESS_S[r.model] if not a.dry_run else 5.0)
+        done = walls.get(r.model)          # wall times of this model's runs so far
+        guess = statistics.median(done) if done else FIRST_GUESS_S[r.model] if not a.dry_run else 5.0
         model_dir, note = "", None
         key = (r.arch, w)
         pending = folders.get(key)
@@ -603,7 +605,7 @@ class Check:
         if m.get("error", "").endswith("(time limit)"):
             m["error"] = m["error"].replace("(time limit)", "(--run-timeout-s)" if a.run_timeout_s < left else
                                             "(the check's --budget-s ran out)")
-        longest[r.model] = max(longest.get(r.model, 0.0), wall)
+        walls.setdefault(r.model, []).append(wall)
         extra = {"wall_s": wall, "device_used_before_mib": before, **({"model_note": note} if note else {})}
         self.rows[i] = _row(r, w, m, **extra)
         row = self.rows[i]
