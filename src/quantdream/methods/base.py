@@ -171,6 +171,12 @@ def write_rows(text_encoder, placeholder: Placeholder, theta: torch.Tensor) -> N
             table[j] = vec.to(device=table.device, dtype=table.dtype)
 
 
+def compute_dtype(text_encoder) -> torch.dtype:
+    """The dtype the text encoder computes in: its layer norms' (quantized tables may hold narrower codes)."""
+    norms = [m.weight for m in text_encoder.modules() if isinstance(m, torch.nn.LayerNorm) and m.weight is not None]
+    return norms[0].dtype if norms else torch.float32
+
+
 # ----------------------------------------------------------------------------- the objective
 class DenoisingObjective:
     """L(theta) on one batch for K candidate tokens at once: theta (K, V, d) -> losses (K,).
@@ -196,6 +202,7 @@ class DenoisingObjective:
         self._ids_cache: dict[str, torch.Tensor] = {}
         self._rows: torch.Tensor | None = None
         self._pid = torch.tensor(placeholder.ids, device=self.device)
+        self._compute_dtype = compute_dtype(text_encoder)
         self._hook = text_encoder.get_input_embeddings().register_forward_hook(self._splice)
 
     def close(self) -> None:
@@ -211,11 +218,18 @@ class DenoisingObjective:
         if self._rows is None:
             return out
         ids = inputs[0]                                            # (N, L)
-        out = out.to(torch.promote_types(out.dtype, self._rows.dtype))  # a narrow table must not round theta
+        out = out.to(self._splice_dtype(out.dtype))
         for j in range(self._pid.numel()):
             m = (ids == self._pid[j]).unsqueeze(-1)                # (N, L, 1)
             out = torch.where(m, self._rows[:, j, None, :].to(out.dtype), out)
         return out
+
+    def _splice_dtype(self, table_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the spliced embeddings leave the table in: wide enough not to round theta (a narrow, e.g.
+        int8-dequantized, table under a float32 encoder), but never wider than the encoder computes in (a float16
+        encoder's layer norms refuse float32 inputs)."""
+        wide = torch.promote_types(table_dtype, self._rows.dtype)
+        return wide if self._compute_dtype.itemsize >= wide.itemsize else self._compute_dtype
 
     def token_ids(self, captions: list[str]) -> torch.Tensor:
         rows = []
