@@ -164,6 +164,14 @@ class Prerender:
             self.images, self.masks, self.ids = cat(1, self.images), cat(2, self.masks), cat(3, self.ids)
         return 0 if self.images is None else len(self.images)
 
+    def first(self, device, deadline: float) -> int:
+        """Wait for the first chunk (the workers' start-up: imports, the dataset, the tokenizer)."""
+        while self.take(device) == 0:
+            if time.time() > deadline or self.done:
+                raise RuntimeError("no pre-rendered images arrived in time: too short a budget for this machine?")
+            time.sleep(0.1)
+        return len(self.images)
+
     def wait(self, device, deadline: float) -> int:
         while not self.done and time.time() < deadline:
             time.sleep(0.2)
@@ -215,10 +223,6 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
     vae.to(dev).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     g = torch.Generator(device=dev).manual_seed(cfg.seed)
-    while data.take(dev) == 0:
-        if time.time() > end:
-            raise RuntimeError("no pre-rendered images arrived before the autoencoder's time was up")
-        time.sleep(0.1)
     start, step = time.time(), 0
     while time.time() < end:
         n = data.take(dev) if step % 50 == 0 else len(data.images)
@@ -253,7 +257,8 @@ def encode_latents(vae, images, batch: int = 512):
     """Mean and std of the posterior of every image (bf16 on GPU: 160k images take ~1 GB)."""
     import torch
     mean, std = [], []
-    with torch.no_grad():
+    dev = images.device
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         for xb in images.split(batch):
             d = vae.encode(to_unit(xb)).latent_dist
             mean.append(d.mean.to(torch.bfloat16))
@@ -428,6 +433,7 @@ def run(cfg: V2Config) -> dict:
     torch.manual_seed(cfg.seed)
     log.phase("start", device=str(dev))
     train_end = deadline - cfg.reserve_s
+    log.phase("first_chunk", images=data.first(dev, train_end))
     vae_end = time.time() + cfg.vae_share * (train_end - time.time())
     vae, vae_steps = train_vae(cfg, data, dev, vae_end, log)
     n = data.wait(dev, vae_end + 0.1 * (train_end - vae_end))
