@@ -61,7 +61,7 @@ class V2Config:
     device: str = "cuda"
     seed: int = 0
     fmnist: str | None = None
-    workers: int = 0  # 0: all CPU cores but one
+    workers: int = 0  # 0: all CPU cores but one, at most 15
     images: int = 160_000
     chunk: int = 2000
     n_named: int = 160
@@ -135,7 +135,8 @@ class Prerender:
     def __init__(self, cfg: V2Config, instances: list[dict]):
         n_chunks = math.ceil(cfg.images / cfg.chunk)
         jobs = [(k, min(cfg.chunk, cfg.images - k * cfg.chunk)) for k in range(n_chunks)]
-        workers = cfg.workers or max(1, (os.cpu_count() or 2) - 1)
+        # all cores but one, at most 15 (a container may show the host's cores but be allowed fewer)
+        workers = cfg.workers or max(1, min(15, len(os.sched_getaffinity(0)) - 1))
         self.pool = mp.get_context("fork").Pool(min(workers, n_chunks), _worker_init, (cfg.fmnist, instances, cfg.seed))
         self.ready, self.n_chunks, self.done, self.error = [], n_chunks, False, None
         self.images = self.masks = self.ids = None
