@@ -94,3 +94,18 @@ def test_gpu_v2_runs_tiny_on_cpu_and_exports_a_stock_pipeline(tmp_path, monkeypa
     img = pipe(f"a {inst['named'][0]['word']} bag at the top left", height=64, width=64, num_inference_steps=2,
                generator=torch.Generator().manual_seed(0), output_type="np").images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_embedded_models_by_name(tmp_path, monkeypatch):
+    from quantdream.models import embedded, load
+    assert load.resolve_model("tiny") == load.resolve_model("tiny-v1") == embedded.PACKAGE_MODEL_DIR
+    assert load.is_tiny(embedded.PACKAGE_MODEL_DIR) and not load.is_tiny(tmp_path)
+    monkeypatch.setitem(embedded.EMBEDDED_MODELS, "tiny-v2", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="'tiny-v2' is not in this build"):
+        load.resolve_model("tiny-v2")
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "model_index.json").write_text("{}")
+    monkeypatch.setitem(embedded.EMBEDDED_MODELS, "tiny-v2", tmp_path / "v2")
+    assert load.resolve_model("tiny-v2") == tmp_path / "v2" and load.is_tiny(tmp_path / "v2")
+    monkeypatch.setattr(embedded, "TINY_DEFAULT", "tiny-v2")
+    assert load.resolve_model("tiny") == tmp_path / "v2"

@@ -19,6 +19,14 @@ LATENT_CHANNELS = 8
 MAX_LENGTH = 32
 PACKAGE_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded-model"
 TOKENIZER_DIR = PACKAGE_MODEL_DIR / "tokenizer"
+# embedded models by name (``--model NAME``); ``tiny`` is an alias of TINY_DEFAULT
+EMBEDDED_MODELS = {"tiny-v1": PACKAGE_MODEL_DIR, "tiny-v2": PACKAGE_MODEL_DIR.parent / "embedded-model-v2"}
+TINY_DEFAULT = "tiny-v1"
+
+
+def embedded_model_dir(name: str) -> Path | None:
+    """The folder of embedded model ``name`` ("tiny", "tiny-v1", "tiny-v2"), or None if ``name`` is no such name."""
+    return EMBEDDED_MODELS.get(TINY_DEFAULT if name == "tiny" else name)
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=64,
