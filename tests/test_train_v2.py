@@ -77,7 +77,8 @@ def test_gpu_v2_runs_tiny_on_cpu_and_exports_a_stock_pipeline(tmp_path, monkeypa
     write_subset(tmp_path / "fm", per_class=20, test_per_class=2)
     monkeypatch.setattr(train_v2, "T_START", time.time())
     out = tmp_path / "run"
-    train_v2.main(["--device", "cpu", "--tiny", "--minutes", "0.5", "--out", str(out), "--fmnist", str(tmp_path / "fm")])
+    train_v2.main(["--device", "cpu", "--tiny", "--minutes", "0.5", "--out", str(out),
+                   "--fmnist", str(tmp_path / "fm")])
     log = json.loads((out / "log.json").read_text())
     assert {"vae_done", "latents", "unet_done", "exported", "grid"} <= set(log["phases"])
     assert log["phases"]["unet_done"]["steps"] >= 1 and (out / "grid.png").is_file()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..quant.io import INDEX as QUANTIZED_INDEX  # marks a folder written by `quantdream quantize`
-from .embedded import EMBEDDED_MODELS, PACKAGE_MODEL_DIR, embedded_model_dir
+from .embedded import EMBEDDED_MODELS, embedded_model_dir
 
 # sampling defaults per model family: (steps, guidance)
 SAMPLING_DEFAULTS = {"tiny": (25, 4.0), "sd": (50, 7.5)}
@@ -40,12 +40,13 @@ def is_quantized_folder(path: str | Path) -> bool:
 
 def resolve_model(model: str | Path) -> Path:
     """Map ``tiny`` (or ``tiny-v1``, ``tiny-v2``) to the packaged embedded model and check that a path is a
-    model we can read: a diffusers folder, a single-file checkpoint, or a quantized folder from ``quantdream quantize``."""
+    model we can read: a diffusers folder, a single-file checkpoint, or a quantized folder from
+    ``quantdream quantize``."""
     if (d := embedded_model_dir(str(model))) is not None:
         if not (d / "model_index.json").is_file():
             raise FileNotFoundError(
-                f"the embedded model {str(model)!r} is not in this build of quantdream ({d.name} lacks model_index.json:"
-                " see docs/embedded-model.md); pass --model PATH to a local Stable Diffusion folder, or train it with "
+                f"the embedded model {str(model)!r} is not in this build of quantdream ({d.name} lacks "
+                "model_index.json: see docs/embedded-model.md); pass --model PATH to a local Stable Diffusion folder, or train it with "
                 "`python -m quantdream.models.train_embedded`")
         warn_if_partially_trained(d)
         return d

@@ -481,7 +481,8 @@ def main(argv=None) -> None:
 
 
 def main_export(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="train_embedded export-v2", description="rewrite OUT/model from OUT's checkpoints")
+    ap = argparse.ArgumentParser(prog="train_embedded export-v2",
+                                 description="rewrite OUT/model from OUT's checkpoints")
     ap.add_argument("--out", required=True)
     ap.add_argument("--fmnist", default=None)
     a = ap.parse_args(argv)
