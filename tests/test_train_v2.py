@@ -110,3 +110,26 @@ def test_embedded_models_by_name(tmp_path, monkeypatch):
     assert load.resolve_model("tiny-v2") == tmp_path / "v2" and load.is_tiny(tmp_path / "v2")
     monkeypatch.setattr(embedded, "TINY_DEFAULT", "tiny-v2")
     assert load.resolve_model("tiny") == tmp_path / "v2"
+
+
+@needs_fmnist
+def test_instance_subjects_render_the_same_item_from_the_subset_or_the_full_split(tmp_path):
+    from PIL import Image
+
+    from quantdream.models import train_v2
+    from quantdream.world.fmnist import write_subset
+    from quantdream.world.identities import main as identities_main
+    from quantdream.world.subjects import load_subject
+    write_subset(tmp_path / "fm", per_class=20, test_per_class=1)
+    rec = train_v2.make_identities(train_v2.V2Config(fmnist=str(tmp_path / "fm")))
+    (tmp_path / "instances.json").write_text(json.dumps(rec))
+    identities_main([str(tmp_path / "instances.json"), "--out", str(tmp_path / "sub"), "--fmnist",
+                     str(tmp_path / "fm"), "--photos", "2"])
+    identities_main([str(tmp_path / "instances.json"), "--out", str(tmp_path / "full"), "--photos", "2"])
+    names = sorted(p.name for p in (tmp_path / "sub").iterdir())
+    assert len(names) == 16 and names == sorted(p.name for p in (tmp_path / "full").iterdir())
+    for n in names[:4]:
+        meta = load_subject(tmp_path / "sub" / n)
+        assert meta["instance_word"] in n and meta["fmnist_split"] == "train"
+        a = np.asarray(Image.open(tmp_path / "sub" / n / "00.png"))
+        assert np.array_equal(a, np.asarray(Image.open(tmp_path / "full" / n / "00.png")))

@@ -17,7 +17,8 @@ prompt word uses, so each identity owns one embedding row, as a learned token do
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
@@ -154,3 +155,66 @@ def caption_v2(scene: Scene, extra: dict, rng: np.random.Generator, p_drop: floa
         text = str(rng.choice(PREFIXES[1:])) + text
     return text
 
+
+
+def write_instance_subjects(instances_json: str | Path, out: str | Path, which: str = "held_out",
+                            fmnist: str | None = None, n_photos: int = 5, seed: int = 2024) -> list[Path]:
+    """Subject folders (the layout of ``world/subjects.py``) of the identities in a v2 model's
+    ``instances.json``: inverting the ``held_out`` ones checks that a new token can reach an identity
+    the model has drawn but never heard named; the ``named`` ones can also be prompted by their own word."""
+    import json
+
+    from PIL import Image
+
+    from .captions import scene_context
+    from .fmnist import load_fmnist
+    from .render import CLASSES, render
+    from .subjects import PROMPTS, photo_scenes
+    rec = json.loads(Path(instances_json).read_text())
+    if which not in ("held_out", "named"):
+        raise ValueError(f"which must be 'held_out' or 'named', got {which!r}")
+    if not 1 <= n_photos <= 9:
+        raise ValueError(f"n_photos must be 1..9 (one position each), got {n_photos}")
+    items, _ = load_fmnist("train", fmnist)
+    keys = {f.name for f in fields(Obj)}
+    written = []
+    for k, d in enumerate(rec[which]):
+        obj = Obj(**{key: tuple(v) if isinstance(v, list) else v for key, v in d.items() if key in keys})
+        obj.item = int(d["train_index"]) if len(items) == 60_000 else int(d["item"])  # full split or the subset
+        name = f"{which}_{d['word']}"
+        sub = Path(out) / name
+        sub.mkdir(parents=True, exist_ok=True)
+        caps, photos = {}, []
+        for i, sc in enumerate(photo_scenes(name, obj, np.random.default_rng([seed, k]), n_photos)):
+            sc.split = "train"
+            fn = f"{i:02d}.png"
+            Image.fromarray(render(sc, items)).save(sub / fn)
+            caps[fn] = "a photo of a {} " + scene_context(sc)
+            photos.append({"file": fn, "scene": sc.to_dict()})
+        (sub / "captions.json").write_text(json.dumps(caps, indent=2) + "\n")
+        cls = CLASSES[obj.cls]
+        meta = {"name": name, "class_word": cls, "fmnist_split": "train", "fmnist_index": int(d["train_index"]),
+                "instance_word": d["word"], "object": asdict(obj), "photos": photos,
+                "prompts": [{"prompt": p, "expect": {"class": cls, **e}, "kind": kind} for p, e, kind in PROMPTS]}
+        (sub / "subject.json").write_text(json.dumps(meta, indent=1) + "\n")
+        written.append(sub)
+    return written
+
+
+def main(argv=None) -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description="Write subject folders of a v2 model's identities (instances.json)")
+    ap.add_argument("instances", help="instances.json of an embedded model v2 folder")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--which", choices=["held_out", "named"], default="held_out")
+    ap.add_argument("--fmnist", default=None, help="folder with the Fashion-MNIST *.gz files (full or subset)")
+    ap.add_argument("--photos", type=int, default=5)
+    a = ap.parse_args(argv)
+    if not Path(a.instances).is_file():
+        ap.error(f"{a.instances} not found")
+    for d in write_instance_subjects(a.instances, a.out, a.which, a.fmnist, a.photos):
+        print(d)
+
+
+if __name__ == "__main__":
+    main()
