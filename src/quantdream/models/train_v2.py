@@ -62,7 +62,7 @@ class V2Config:
     seed: int = 0
     fmnist: str | None = None
     workers: int = 0  # 0: all CPU cores but one, at most 15
-    images: int = 160_000
+    images: int = 240_000
     chunk: int = 2000
     n_named: int = 160
     n_held_out: int = 16
@@ -71,8 +71,8 @@ class V2Config:
     vae_lr: float = 2e-4
     vae_init: str = "v1"  # "v1": continue from the packaged autoencoder; "none": from scratch
     kl_weight: float = 1e-5
-    unet_batch: int = 256
-    unet_lr: float = 4e-4
+    unet_batch: int = 512
+    unet_lr: float = 5e-4
     ema: float = 0.999
     snr_gamma: float = 5.0
     p_uncond: float = 0.1
@@ -255,7 +255,7 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
 
 # ----------------------------------------------------------------------------- phase 3: text encoder + UNet
 def encode_latents(vae, images, batch: int = 512):
-    """Mean and std of the posterior of every image (bf16 on GPU: 160k images take ~1 GB)."""
+    """Mean and std of the posterior of every image (bf16 on GPU: 240k images take ~2 GB)."""
     import torch
     mean, std = [], []
     dev = images.device
