@@ -19,6 +19,14 @@ LATENT_CHANNELS = 8
 MAX_LENGTH = 32
 PACKAGE_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "embedded-model"
 TOKENIZER_DIR = PACKAGE_MODEL_DIR / "tokenizer"
+# embedded models by name (``--model NAME``); ``tiny`` is an alias of TINY_DEFAULT
+EMBEDDED_MODELS = {"tiny-v1": PACKAGE_MODEL_DIR, "tiny-v2": PACKAGE_MODEL_DIR.parent / "embedded-model-v2"}
+TINY_DEFAULT = "tiny-v1"
+
+
+def embedded_model_dir(name: str) -> Path | None:
+    """The folder of embedded model ``name`` ("tiny", "tiny-v1", "tiny-v2"), or None if ``name`` is no such name."""
+    return EMBEDDED_MODELS.get(TINY_DEFAULT if name == "tiny" else name)
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=64,
@@ -41,22 +49,39 @@ SCHEDULER_CONFIG = dict(  # SD-1.x's training schedule
 )
 
 
-def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+# v2 (models/train_v2.py): a 4-level UNet that reaches 2x2 (position is decided where every latent
+# pixel sees every other), v-prediction, and a narrower text MLP to stay inside the size budget
+UNET_CONFIG_V2 = dict(
+    sample_size=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
+    block_out_channels=(64, 96, 96, 128),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=32,
+)
+SCHEDULER_CONFIG_V2 = dict(SCHEDULER_CONFIG, prediction_type="v_prediction")
+TEXT_INTERMEDIATE = {"v1": 1024, "v2": 512}
+
+
+def text_config(tokenizer: CLIPTokenizer, recipe: str = "v1") -> CLIPTextConfig:
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=1024, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=TEXT_INTERMEDIATE[recipe],
+        num_hidden_layers=2,
         num_attention_heads=12, max_position_embeddings=MAX_LENGTH, projection_dim=TEXT_WIDTH,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
 
 
-def build_components(tokenizer_dir: str | Path = TOKENIZER_DIR) -> dict:
-    """Fresh, randomly initialized components of the embedded model."""
+def build_components(tokenizer_dir: str | Path = TOKENIZER_DIR, recipe: str = "v1") -> dict:
+    """Fresh, randomly initialized components of the embedded model (``recipe`` "v1" or "v2")."""
+    if recipe not in TEXT_INTERMEDIATE:
+        raise ValueError(f"recipe must be one of {sorted(TEXT_INTERMEDIATE)}, got {recipe!r}")
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    v2 = recipe == "v2"
     return dict(
         tokenizer=tokenizer,
-        text_encoder=CLIPTextModel(text_config(tokenizer)),
+        text_encoder=CLIPTextModel(text_config(tokenizer, recipe)),
         vae=AutoencoderKL(**VAE_CONFIG),
-        unet=UNet2DConditionModel(**UNET_CONFIG),
-        scheduler=DDPMScheduler(**SCHEDULER_CONFIG),
+        unet=UNet2DConditionModel(**(UNET_CONFIG_V2 if v2 else UNET_CONFIG)),
+        scheduler=DDPMScheduler(**(SCHEDULER_CONFIG_V2 if v2 else SCHEDULER_CONFIG)),
     )

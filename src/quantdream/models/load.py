@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..quant.io import INDEX as QUANTIZED_INDEX  # marks a folder written by `quantdream quantize`
-from .embedded import PACKAGE_MODEL_DIR
+from .embedded import EMBEDDED_MODELS, embedded_model_dir
 
 # sampling defaults per model family: (steps, guidance)
 SAMPLING_DEFAULTS = {"tiny": (25, 4.0), "sd": (50, 7.5)}
@@ -40,16 +40,17 @@ def is_quantized_folder(path: str | Path) -> bool:
 
 
 def resolve_model(model: str | Path) -> Path:
-    """Map ``tiny`` to the packaged embedded model and check that a path is a model we can read: a
-    diffusers folder, a single-file checkpoint, or a quantized folder from ``quantdream quantize``."""
-    if str(model) == "tiny":
-        if not (PACKAGE_MODEL_DIR / "model_index.json").is_file():
+    """Map ``tiny`` (or ``tiny-v1``, ``tiny-v2``) to the packaged embedded model and check that a path is a
+    model we can read: a diffusers folder, a single-file checkpoint, or a quantized folder from
+    ``quantdream quantize``."""
+    if (d := embedded_model_dir(str(model))) is not None:
+        if not (d / "model_index.json").is_file():
             raise FileNotFoundError(
-                f"the embedded model is not in this build of quantdream ({PACKAGE_MODEL_DIR} lacks model_index.json: "
-                "its training is still under way, see docs/embedded-model.md); pass --model PATH to a local Stable "
-                "Diffusion folder, or train it with `python -m quantdream.models.train_embedded`")
-        warn_if_partially_trained(PACKAGE_MODEL_DIR)
-        return PACKAGE_MODEL_DIR
+                f"the embedded model {str(model)!r} is not in this build of quantdream ({d.name} lacks "
+                "model_index.json: see docs/embedded-model.md); pass --model PATH to a local Stable Diffusion folder, or train it with "
+                "`python -m quantdream.models.train_embedded`")
+        warn_if_partially_trained(d)
+        return d
     p = Path(model).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"model path {str(p)!r} does not exist (give `tiny` or a local Stable Diffusion "
@@ -114,11 +115,12 @@ def pipeline_class(path: Path):
 
 
 def is_tiny(path: Path) -> bool:
-    """The packaged embedded model, or a quantized folder made from it (its recorded source)."""
+    """A packaged embedded model, or a quantized folder made from one (its recorded source)."""
+    dirs = {d.resolve() for d in EMBEDDED_MODELS.values()}
     if is_quantized_folder(path):
         source = json.loads((Path(path) / QUANTIZED_INDEX).read_text()).get("config", {}).get("source")
-        return bool(source) and Path(source).resolve() == PACKAGE_MODEL_DIR.resolve()
-    return Path(path).resolve() == PACKAGE_MODEL_DIR.resolve()
+        return bool(source) and Path(source).resolve() in dirs
+    return Path(path).resolve() in dirs
 
 
 PIPELINE_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "vae", "unet", "scheduler")

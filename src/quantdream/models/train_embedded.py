@@ -4,6 +4,10 @@
     python -m quantdream.models.train_embedded unet --run runs/embedded --steps 13000
     python -m quantdream.models.train_embedded export --run runs/embedded
 
+That is v1's recipe. v2's runs in one wall-clock budget (see ``models/train_v2.py``)::
+
+    python -m quantdream.models.train_embedded gpu-v2 --minutes 5.2 --out DIR --device cuda
+
 ``export`` before the UNet stage has a checkpoint writes the autoencoder alone (``vae/`` in the package), so
 a later sitting on another machine trains the UNet on the very same latents.
 
@@ -329,6 +333,11 @@ def export(a) -> None:
 
 
 def main(argv=None) -> None:
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("gpu-v2", "export-v2"):  # v2: one wall-clock budgeted run (models/train_v2.py)
+        from . import train_v2
+        return (train_v2.main if argv[0] == "gpu-v2" else train_v2.main_export)(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["vae", "unet", "export"])
     ap.add_argument("--run", default="runs/embedded", help="folder for checkpoints, logs and sample grids")
