@@ -1,4 +1,4 @@
-"""Early stopping on a held-out loss for ZOODiP (issue 4, "beyond the paper"). Prints one JSON object.
+"""Early stopping on a held-out loss for ZOODiP (beyond the paper). Prints one JSON object.
 
     python benchmarks/early_stopping.py --subjects teal_bag,olive_coat,mustard_boot --threads 1
 

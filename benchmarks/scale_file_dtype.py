@@ -1,4 +1,4 @@
-"""Do the int8 and float16 scale files lose anything? (peqa, tuneqdm; issue 5's storage column.) One JSON object.
+"""Do the int8 and float16 scale files lose anything? (peqa, tuneqdm; the comparison's storage column.) One JSON object.
 
     python benchmarks/scale_file_dtype.py --subjects teal_bag,olive_coat --threads 1
 

@@ -1,4 +1,4 @@
-"""Where learned tokens moved from their init word, against textual inversion's move (issue 4). Prints one JSON object.
+"""Where learned tokens moved from their init word, against textual inversion's move. Prints one JSON object.
 
     python benchmarks/token_geometry.py --ti 'RUNS/{subject}/ti' \\
         --variant 'zoodip=RUNS/{subject}/zoodip' --variant 'zoodip-fast=RUNS/{subject}/zoodip-fast'

@@ -1,4 +1,4 @@
-"""TuneQDM's open choices on the embedded model (issue 5). Prints one JSON object.
+"""TuneQDM's open choices on the embedded model. Prints one JSON object.
 
     python benchmarks/tuneqdm_study.py --study interval              # S1's timestep interval (default study)
     python benchmarks/tuneqdm_study.py --study experts               # TuneQDM's number of timestep experts N

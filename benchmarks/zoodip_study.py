@@ -1,4 +1,4 @@
-"""ZOODiP's hyperparameters on the embedded model: the paper's method, other settings (issue 4). Prints one JSON object.
+"""ZOODiP's hyperparameters on the embedded model: the paper's method, other settings. Prints one JSON object.
 
     python benchmarks/zoodip_study.py --study sweep --subjects teal_bag,olive_coat,mustard_boot,coral_top \\
         --images-per-prompt 2                                   # PUTS interval, then SG's tau, n, ZO-Adam eps

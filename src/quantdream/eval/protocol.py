@@ -22,7 +22,7 @@ Metrics per run and subject, then the mean over subjects of each method:
     clip_i, clip_t, dino         real encoders from local folders (``clip=`` / ``dino=``), when given
 World metrics are meaningful only on the embedded model (its world); on other models they run but say little.
 
-New methods (issue 5) plug in with :func:`register_adapter`.
+New methods plug in with :func:`register_adapter`.
 """
 from __future__ import annotations
 
@@ -150,13 +150,13 @@ ADAPTERS: dict[str, Adapter] = {"zoodip": TOKEN_ADAPTER, "zoodip-fast": TOKEN_AD
 
 
 def register_adapter(method: str, adapter: Adapter) -> None:
-    """Teach ``evaluate`` a method (issue 5: dreambooth folders, LoRA, PEQA/TuneQDM scale files...)."""
+    """Teach ``evaluate`` a method (dreambooth folders, LoRA, PEQA/TuneQDM scale files...)."""
     ADAPTERS[method] = adapter
 
 
 def adapter_for(run: RunInfo) -> Adapter:
     if run.method not in ADAPTERS:
-        try:  # the weight methods (issue 5) register themselves from methods/adapters.py
+        try:  # the weight methods register themselves from methods/adapters.py
             from ..methods.adapters import register_evaluate_adapters
             register_evaluate_adapters()
         except ImportError:

@@ -1,4 +1,6 @@
-"""TuneQDM (Ryu et al.; arXiv 2401.04339): timestep-aware scale tuning of a quantized UNet, DreamBooth loss.
+"""TuneQDM (Ryu, Lim, Shim, "Memory-Efficient Fine-Tuning for Quantized Diffusion Model", ECCV 2024;
+https://arxiv.org/abs/2401.04339, code https://github.com/ugonfor/TuneQDM): timestep-aware scale tuning of a
+quantized UNet, DreamBooth loss.
 
     ECCV 2024 (v2), ``tuneqdm``:   W_j = diag(s_out^j) (W_q - z) diag(s_in^j)              MCSU
                                   j(t) = min(N - 1, floor(t N / T)),  T = 1000             TAS
