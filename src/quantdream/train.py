@@ -57,7 +57,7 @@ TRAJECTORY_KEYS = ("images", "token", "init_word", "model", "method", "weights",
 # subject fidelity of 1e-2 / 3e-3 / 1e-3 and fits the README's 5-minute budget; TI at
 # 5e-3 for 400 steps matched 1000 steps at 1e-3 and 1500 at 3e-4 for a third of the time. ZOODiP's PUTS interval
 # on this model is [800, 1000) instead of SD's [500, 900): best of six intervals on 4 subjects, then on all 10
-# +0.037 world CLIP-I and +0.017 prompt accuracy over [500, 900) (benchmarks/zoodip_study.py; docs/personalization.md).
+# +0.037 world CLIP-I and +0.017 prompt accuracy over [500, 900) (benchmarks/studies/zoodip_study.py; docs/personalization.md).
 # And n = 8 directions a step instead of the paper's 2 (9 UNet passes a step, one batch): the estimate's direction
 # noise, not the objective, held ZOODiP below TI here (zoodip_study.py --study oracle: n -> infinity at the same steps
 # lifts it to TI's level, n = 8 nearly as far; docs/personalization.md "Direction noise").
@@ -66,7 +66,7 @@ EMBEDDED_DEFAULTS = {
     # zoodip-fast: 1/3 of ZOODiP's steps at ZOODiP's rate and PUTS interval with n = 2, i.e. 1/9 of ZOODiP's UNet
     # passes since ZOODiP's n = 8 (benchmarks/personalization.py, budget-vocab16). [800, 1000) beat [500, 900) on
     # 10 subjects: world CLIP-I 0.355 vs 0.333, prompt accuracy 0.617 vs 0.604, and no collapse on salmon_sneaker
-    # (benchmarks/zoodip_study.py --study fast)
+    # (benchmarks/studies/zoodip_study.py --study fast)
     "zoodip-fast": {"steps": 500, "section": {"lr": 1e-2, "t_low": 800, "t_high": 1000}},
     "ti": {"steps": 400, "section": {"lr": 5e-3}},
     # GF-TI gets ZOODiP's forward-pass budget: 1,500 steps x 9 passes = 675 generations x 20 candidates.
