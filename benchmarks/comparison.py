@@ -1,4 +1,4 @@
-"""The method comparison of issue 5 over every example subject. Prints ONE JSON object.
+"""The method comparison (ZOODiP's Table 1 and Figure 1) over every example subject. Prints ONE JSON object.
 
     python benchmarks/comparison.py                                   # all subjects, all methods, sd15 memory
     python benchmarks/comparison.py --subjects teal_bag,olive_coat --methods zoodip,ti,gf-ti

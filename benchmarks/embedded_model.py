@@ -1,4 +1,4 @@
-"""Bars of the embedded model (issue 2). Prints one JSON object.
+"""Bars of the embedded model. Prints one JSON object.
 
     python benchmarks/embedded_model.py                 # full protocol: 200 held-out captions x 4 images
     python benchmarks/embedded_model.py --captions 40   # quicker look

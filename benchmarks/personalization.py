@@ -1,4 +1,4 @@
-"""Bars of the personalization core (issue 4) on the embedded model. Prints one JSON object.
+"""Bars of the personalization core on the embedded model. Prints one JSON object.
 
     python benchmarks/personalization.py                           # every example subject (hours on 2 cores)
     python benchmarks/personalization.py --subjects teal_bag,olive_coat --out out/bench_personalization
@@ -19,7 +19,7 @@ Variants:
                             the vocabulary's top-16 principal subspace (budget-vocab16 = zoodip-fast as shipped;
                             zoodip-vocab16 at zoodip's steps)
 
-Bars (issue 4): zoodip's world CLIP-I and EffNet >= 0.97 x ti's and above the floor; zoodip's prompt accuracy
+Bars: zoodip's world CLIP-I and EffNet >= 0.97 x ti's and above the floor; zoodip's prompt accuracy
 and world CLIP-T >= ti's - 0.02; the best budget-* variant reaches zoodip's final world CLIP-I.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Memory bar of issue 4. Prints one JSON object.
+"""The memory bar of personalization (ZOODiP at 4x below textual inversion). Prints one JSON object.
 
     python benchmarks/personalization_memory.py                     # sd15, 512 px, 2 steps, zoodip + ti
     python benchmarks/personalization_memory.py --arch tiny --steps 2   # a quick look

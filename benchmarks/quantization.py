@@ -1,4 +1,4 @@
-"""Quantization benchmark (issue 3 bars): storage, resident memory, speed, kernels, quality.
+"""Quantization benchmark: storage, resident memory, speed, kernels, quality.
 
     python benchmarks/quantization.py                 # everything; prints ONE JSON object on stdout
     python benchmarks/quantization.py --skip-sd       # embedded model only (fast)
@@ -22,6 +22,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -306,7 +307,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for speed runs (default 1)")
     ap.add_argument("--repeats", type=int, default=1, help="timed forwards per SD-1.5 setting (best of; default 1)")
     ap.add_argument("--res", type=int, default=512, help="SD-1.5 image size (default 512)")
-    ap.add_argument("--workdir", default="/tmp/quantdream-bench", help="where the SD-1.5 quantized folders go")
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "quantdream-bench"),
+                    help="where the SD-1.5 quantized folders go (default: quantdream-bench in the temp folder)")
     ap.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     ap.add_argument("--_dtype", dest="dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--_opts", dest="opts", default="", help=argparse.SUPPRESS)

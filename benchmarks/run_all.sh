@@ -30,8 +30,8 @@ step personalization python benchmarks/personalization.py --threads "$threads" $
 step comparison python benchmarks/comparison.py $subj --threads "$threads" --resume --out out/bench_comparison
 # the same comparison (its runs are reused) with every method's memory in the low-memory mode
 step comparison_lowmem python benchmarks/comparison.py $subj --threads "$threads" --resume --memory-low-memory --out out/bench_comparison
-step tuneqdm_interval python benchmarks/tuneqdm_study.py --study interval $subj --threads "$threads"
-step tuneqdm_experts python benchmarks/tuneqdm_study.py --study experts $subj --threads "$threads"
-step tuneqdm_mcsu python benchmarks/tuneqdm_study.py --study mcsu $subj --threads "$threads"
-step early_stopping python benchmarks/early_stopping.py $subj --threads "$threads" --out out/bench_early_stopping
+step tuneqdm_interval python benchmarks/studies/tuneqdm_study.py --study interval $subj --threads "$threads"
+step tuneqdm_experts python benchmarks/studies/tuneqdm_study.py --study experts $subj --threads "$threads"
+step tuneqdm_mcsu python benchmarks/studies/tuneqdm_study.py --study mcsu $subj --threads "$threads"
+step early_stopping python benchmarks/studies/early_stopping.py $subj --threads "$threads" --out out/bench_early_stopping
 step personalization_memory python benchmarks/personalization_memory.py --threads 1 --low-memory

@@ -7,7 +7,7 @@ For each subject's run: a plain ``StableDiffusionPipeline.from_pretrained`` of t
 quantdream code in the pipeline; DDIM as the README samples, via quantdream's seeded sampling helper), once
 with the init word and once after the stock
 ``pipe.load_textual_inversion(run)`` with the token, same prompts and seeds. Both are scored with the world
-evaluator against the subject's photos. The bar (issue 4): the token's world CLIP-I is above the init word's.
+evaluator against the subject's photos. The bar: the token's world CLIP-I is above the init word's.
 """
 from __future__ import annotations
 

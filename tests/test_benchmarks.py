@@ -18,7 +18,11 @@ def harness_argv(model, evaluator, out, *extra) -> list[str]:
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    """A benchmark by name: benchmarks/<name>.py, or a study, benchmarks/studies/<name>.py."""
+    path = ROOT / "benchmarks" / f"{name}.py"
+    if not path.is_file():
+        path = ROOT / "benchmarks" / "studies" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -389,3 +393,11 @@ def test_token_geometry_measures_moves_against_ti(tmp_path, capsys):
     assert v["half"]["cosine_with_ti_change"] == pytest.approx(1.0) and v["half"]["change_norm"] == pytest.approx(1.5)
     assert v["orth"]["cosine_with_ti_change"] == pytest.approx(0.0, abs=1e-6)
     assert v["orth"]["change_norm"] == pytest.approx(4.0)
+
+
+def test_one_off_studies_live_apart_from_the_benchmarks():
+    studies = {"zoodip_study", "early_stopping", "token_geometry", "scale_file_dtype", "tuneqdm_study"}
+    assert {p.stem for p in (ROOT / "benchmarks" / "studies").glob("*.py")} >= studies
+    assert not studies & {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    readme = (ROOT / "benchmarks" / "studies" / "README.md").read_text()
+    assert all(f"{s}.py" in readme for s in studies)

@@ -319,10 +319,9 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_model, photos, tm
 def test_evaluate_can_load_weight_method_runs(tiny_model, photos, tmp_path, name):
     from quantdream.cli.main import main
     from quantdream.eval import protocol
-    from quantdream.methods.adapters import register_evaluate_adapters
     out = tmp_path / "run"
     assert main(cli_args(tiny_model, photos, out, name)) == 0
-    register_evaluate_adapters()
+    protocol.register_weight_methods()
     run = protocol.read_run(out)
     adapter = protocol.adapter_for(run)
     adapter.check(run)

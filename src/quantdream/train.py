@@ -57,7 +57,7 @@ TRAJECTORY_KEYS = ("images", "token", "init_word", "model", "method", "weights",
 # subject fidelity of 1e-2 / 3e-3 / 1e-3 and fits the README's 5-minute budget; TI at
 # 5e-3 for 400 steps matched 1000 steps at 1e-3 and 1500 at 3e-4 for a third of the time. ZOODiP's PUTS interval
 # on this model is [800, 1000) instead of SD's [500, 900): best of six intervals on 4 subjects, then on all 10
-# +0.037 world CLIP-I and +0.017 prompt accuracy over [500, 900) (benchmarks/zoodip_study.py; docs/personalization.md).
+# +0.037 world CLIP-I and +0.017 prompt accuracy over [500, 900) (benchmarks/studies/zoodip_study.py; docs/personalization.md).
 # And n = 8 directions a step instead of the paper's 2 (9 UNet passes a step, one batch): the estimate's direction
 # noise, not the objective, held ZOODiP below TI here (zoodip_study.py --study oracle: n -> infinity at the same steps
 # lifts it to TI's level, n = 8 nearly as far; docs/personalization.md "Direction noise").
@@ -66,7 +66,7 @@ EMBEDDED_DEFAULTS = {
     # zoodip-fast: 1/3 of ZOODiP's steps at ZOODiP's rate and PUTS interval with n = 2, i.e. 1/9 of ZOODiP's UNet
     # passes since ZOODiP's n = 8 (benchmarks/personalization.py, budget-vocab16). [800, 1000) beat [500, 900) on
     # 10 subjects: world CLIP-I 0.355 vs 0.333, prompt accuracy 0.617 vs 0.604, and no collapse on salmon_sneaker
-    # (benchmarks/zoodip_study.py --study fast)
+    # (benchmarks/studies/zoodip_study.py --study fast)
     "zoodip-fast": {"steps": 500, "section": {"lr": 1e-2, "t_low": 800, "t_high": 1000}},
     "ti": {"steps": 400, "section": {"lr": 5e-3}},
     # GF-TI gets ZOODiP's forward-pass budget: 1,500 steps x 9 passes = 675 generations x 20 candidates.
@@ -438,17 +438,118 @@ def _check_resume(ckpt: dict, resolved: dict, method: str) -> None:
 
 def personalize(cfg: RunConfig, progress: bool = False,
                 callback: Callable[[dict], None] | None = None) -> RunResult:
-    """Learn the token; see the module docstring for the outputs. Returns the (maybe interrupted) result."""
+    """Learn the token; see the module docstring for the outputs. Returns the (maybe interrupted) result.
+
+    The phases, in the module docstring's order of work: :func:`validate_inputs`, :func:`load_frozen_model`,
+    :func:`encode_photos`, :func:`build_method`, :func:`create_output_folder`, :func:`training_loop`,
+    :func:`export_outputs`. They share one :class:`Run`, which each fills in."""
     t_setup = time.perf_counter()
-    section, weights = _validate(cfg)
-    images_dir = Path(cfg.images)
-    paths = list_images(images_dir)
-    captions = None
+    run = validate_inputs(cfg)
+    load_frozen_model(run)
+    encode_photos(run)
+    build_method(run)
+    run.setup_seconds = time.perf_counter() - t_setup
+    create_output_folder(run)
+    interrupted = training_loop(run, progress, callback)
+    theta = run.method.theta.detach().cpu().clone()
+    result = RunResult(theta=theta, placeholder=run.placeholder, step=run.step, completed=not interrupted,
+                       losses=run.losses)
+    run.objective.close()
+    if interrupted:
+        logger.info("interrupted at step %d of %d; checkpoint saved in %s (continue with --resume)",
+                    run.step, run.steps, run.out)
+        return result
+    export_outputs(run, result)
+    return result
+
+
+@dataclass
+class Run:
+    """One personalization run's state, filled in phase by phase (see :func:`personalize`)."""
+
+    cfg: RunConfig
+    # validate_inputs
+    section: dict = field(default_factory=dict)
+    weights: str = "none"
+    acts: int | None = None
+    images_dir: Path | None = None
+    captions: Path | None = None
+    device: Any = None
+    dtype: Any = None
+    model_path: Path | None = None
+    embedded: bool = False
+    quantized_folder: bool = False
+    mcls: Any = None
+    mconfig: Any = None
+    token: str = ""
+    steps: int = 0
+    guidance: float = 0.0
+    ckpt: dict | None = None
+    init_vectors: Any = None
+    # load_frozen_model
+    comps: dict = field(default_factory=dict)
+    tokenizer: Any = None
+    te: Any = None
+    vae: Any = None
+    unet: Any = None
+    scheduler: Any = None
+    width: int = 0
+    vae_scale: int = 1
+    resolution: int = 0
+    scaling: float = 1.0
+    data: SubjectImages | None = None
+    placeholder: Placeholder | None = None
+    # build_method
+    objective: DenoisingObjective | None = None
+    method: Any = None
+    streams: Streams | None = None
+    latent_shape: tuple = ()
+    resolved: dict = field(default_factory=dict)
+    step: int = 0
+    losses: list = field(default_factory=list)
+    seconds: float = 0.0
+    passes: int = 0
+    setup_seconds: float = 0.0
+    # create_output_folder, training_loop
+    out: Path | None = None
+    method_setup_seconds: float = 0.0
+    memory: dict | None = None
+
+    def make_data(self, folder, templates=None) -> SubjectImages:
+        cfg = self.cfg
+        d = SubjectImages(folder, self.resolution, None if templates else self.captions, cfg.learnable_property,
+                          cfg.flip_p)
+        if templates or (self.mcls.kind == "weights" and self.captions is None):
+            d.templates = list(templates or [self.mcls.instance_prompt])   # DreamBooth: "a photo of sks <class>"
+        return d
+
+    def grid(self, at: int) -> None:
+        cfg = self.cfg
+        if not cfg.sample_images:
+            return
+        img = sample_grid(self.objective, self.vae, self.scheduler.config, self.method.theta, self.placeholder,
+                          cfg.sample_prompts, cfg.sample_images, cfg.sample_steps, self.guidance, cfg.seed,
+                          self.latent_shape, self.scaling)
+        save_png(self.out / "samples" / f"step_{at:06d}.png", img, upscale=max(1, 256 // self.resolution))
+
+    def save_state(self) -> None:
+        save_checkpoint(self.out / CHECKPOINT, {
+            "step": self.step, "method": self.method.state_dict(), "streams": self.streams.state_dict(),
+            "losses": self.losses, "seconds": self.seconds, "forward_passes": self.objective.forward_passes,
+            "config": self.resolved, "token": self.cfg.token, "theta": self.method.theta.detach().cpu().clone()})
+
+
+def validate_inputs(cfg: RunConfig) -> Run:
+    """Every input checked before anything heavy loads: settings, photos, captions, model, output folder."""
+    run = Run(cfg)
+    run.section, run.weights = _validate(cfg)
+    run.images_dir = Path(cfg.images)
+    paths = list_images(run.images_dir)
     if cfg.captions not in ("auto", "templates"):
-        captions = Path(cfg.captions)
-        load_caption_file(captions, [p.name for p in paths])
-    elif cfg.captions == "auto" and (images_dir / "captions.json").is_file():
-        captions = images_dir / "captions.json"
+        run.captions = Path(cfg.captions)
+        load_caption_file(run.captions, [p.name for p in paths])
+    elif cfg.captions == "auto" and (run.images_dir / "captions.json").is_file():
+        run.captions = run.images_dir / "captions.json"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.low_memory:
@@ -456,147 +557,158 @@ def personalize(cfg: RunConfig, progress: bool = False,
             logger.warning("--low-memory: glibc's mallopt is not available here; freed memory stays in the heap")
         memory_mod.skip_unused_integrations(method_class(cfg.method).integrations)
     from .models.load import pick_device
-    device = torch.device(pick_device(cfg.device))
-    dtype = resolve_dtype(cfg.dtype, device)
-    model_path, embedded = check_model(cfg.model)
+    run.device = torch.device(pick_device(cfg.device))
+    run.dtype = resolve_dtype(cfg.dtype, run.device)
+    run.model_path, run.embedded = check_model(cfg.model)
     from .models.load import is_quantized_folder
-    quantized_folder = is_quantized_folder(model_path)
-    defaults = (EMBEDDED_DEFAULTS if embedded else SD_DEFAULTS)[cfg.method]
-    mcls = method_class(cfg.method)
-    mconfig = config_from_dict(mcls.config_class, {**defaults["section"], **section}, section_name(cfg.method))
-    token = cfg.token or "sks"        # weight methods: DreamBooth's rare identifier
-    steps = cfg.steps or defaults["steps"]
-    guidance = cfg.guidance or (4.0 if embedded else 7.5)
-    ckpt = _prepare_out(cfg)
-    init_vectors = None
+    run.quantized_folder = is_quantized_folder(run.model_path)
+    defaults = (EMBEDDED_DEFAULTS if run.embedded else SD_DEFAULTS)[cfg.method]
+    run.mcls = method_class(cfg.method)
+    run.mconfig = config_from_dict(run.mcls.config_class, {**defaults["section"], **run.section},
+                                   section_name(cfg.method))
+    run.token = cfg.token or "sks"        # weight methods: DreamBooth's rare identifier
+    run.steps = cfg.steps or defaults["steps"]
+    run.guidance = cfg.guidance or (4.0 if run.embedded else 7.5)
+    run.ckpt = _prepare_out(cfg)
     if cfg.init_embedding:
         from .export import load_embedding
-        init_vectors = load_embedding(cfg.init_embedding)[1]
+        run.init_vectors = load_embedding(cfg.init_embedding)[1]
+    run.acts = cfg.acts or None
+    return run
 
-    acts = cfg.acts or None
-    if quantized_folder:
-        weights, acts = folder_weights(model_path, cfg, mcls)
-    comps = load_components(cfg.model, device, dtype, defer_unet=quantized_folder)
-    tokenizer, te, vae, unet, scheduler = (comps[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
+
+def load_frozen_model(run: Run) -> None:
+    """Load the model, check it fits the token and the photos, add the token, quantize as the method asks.
+    A quantized folder's UNet loads after the photos are encoded: their activations never meet it."""
+    cfg, mcls = run.cfg, run.mcls
+    if run.quantized_folder:
+        run.weights, run.acts = folder_weights(run.model_path, cfg, mcls)
+    comps = run.comps = load_components(cfg.model, run.device, run.dtype, defer_unet=run.quantized_folder)
+    run.tokenizer, run.te, run.vae, run.unet, run.scheduler = (
+        comps[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
     ucfg = comps["unet_config"]
-    width = te.get_input_embeddings().weight.shape[1]
-    if ucfg.cross_attention_dim != width:
-        raise ValueError(f"model {cfg.model!r}: text encoder width {width} does not match the UNet's "
+    run.width = run.te.get_input_embeddings().weight.shape[1]
+    if ucfg.cross_attention_dim != run.width:
+        raise ValueError(f"model {cfg.model!r}: text encoder width {run.width} does not match the UNet's "
                          f"cross-attention width {ucfg.cross_attention_dim}")
     if mcls.kind == "token":
-        check_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = cfg.resolution or ucfg.sample_size * vae_scale
-    if resolution % vae_scale:
-        raise ValueError(f"--resolution {resolution} must be a multiple of {vae_scale} for this model's autoencoder")
-    def make_data(folder, templates=None) -> SubjectImages:
-        d = SubjectImages(folder, resolution, None if templates else captions, cfg.learnable_property, cfg.flip_p)
-        if templates or (mcls.kind == "weights" and captions is None):
-            d.templates = list(templates or [mcls.instance_prompt])   # DreamBooth: "a photo of sks <class>"
-        return d
-
-    data = make_data(images_dir)
+        check_placeholder(run.tokenizer, run.te, cfg.token, cfg.init_word, cfg.num_vectors, run.init_vectors)
+    run.vae_scale = 2 ** (len(run.vae.config.block_out_channels) - 1)
+    run.resolution = cfg.resolution or ucfg.sample_size * run.vae_scale
+    if run.resolution % run.vae_scale:
+        raise ValueError(f"--resolution {run.resolution} must be a multiple of {run.vae_scale} for this model's "
+                         f"autoencoder")
+    run.data = run.make_data(run.images_dir)
     # ---- inputs validated: build the frozen model
     if mcls.kind == "token":
-        placeholder = add_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
+        run.placeholder = add_placeholder(run.tokenizer, run.te, cfg.token, cfg.init_word, cfg.num_vectors,
+                                          run.init_vectors)
     else:
-        placeholder = identifier_placeholder(token, cfg.init_word, width)
-    te.requires_grad_(False).eval()
-    vae.requires_grad_(False).eval()
-    scaling = float(vae.config.scaling_factor)
-    if quantized_folder:  # the photos are encoded before the UNet is loaded: their activations never meet it
-        data.encode(vae, scaling, device=device, dtype=dtype)
+        run.placeholder = identifier_placeholder(run.token, cfg.init_word, run.width)
+    run.te.requires_grad_(False).eval()
+    run.vae.requires_grad_(False).eval()
+    run.scaling = float(run.vae.config.scaling_factor)
+    if run.quantized_folder:  # the photos are encoded before the UNet is loaded: their activations never meet it
+        run.data.encode(run.vae, run.scaling, device=run.device, dtype=run.dtype)
         if cfg.low_memory:   # nor the autoencoder (no method that takes a quantized folder uses it in setup)
-            memory_mod.drop_vae_parts(vae, decoder=not cfg.sample_images)
-        unet = comps["load_unet"]()
-    unet.requires_grad_(False).eval()
+            memory_mod.drop_vae_parts(run.vae, decoder=not cfg.sample_images)
+        run.unet = comps["load_unet"]()
+    run.unet.requires_grad_(False).eval()
     calib = None
     if cfg.acts:  # Q-Diffusion: calibration inputs come from the float model's own sampling runs
         from .quant import collect_unet_inputs
-        calib = collect_unet_inputs(unet, te, tokenizer, _ddim(scheduler.config),
+        calib = collect_unet_inputs(run.unet, run.te, run.tokenizer, _ddim(run.scheduler.config),
                                     [p.format(cfg.init_word) for p in cfg.sample_prompts],
-                                    num_inference_steps=25, guidance_scale=guidance, vae_scale_factor=vae_scale,
-                                    seed=cfg.seed)
-    mcls.prepare_model(te, vae, unet, weights, mconfig)
+                                    num_inference_steps=25, guidance_scale=run.guidance,
+                                    vae_scale_factor=run.vae_scale, seed=cfg.seed)
+    mcls.prepare_model(run.te, run.vae, run.unet, run.weights, run.mconfig)
     if calib is not None:
         from .quant import calibrate_activations
-        calibrate_activations(unet, calib, bits=cfg.acts)
+        calibrate_activations(run.unet, calib, bits=cfg.acts)
         del calib
-    if not quantized_folder:
-        data.encode(vae, scaling, device=device, dtype=dtype)
-    objective = DenoisingObjective(tokenizer, te, unet, scheduler, placeholder, device=device, dtype=dtype)
-    if cfg.low_memory:
-        memory_mod.low_memory_objective(objective)
-    method = mcls(objective, placeholder.init_vectors, mconfig)
-    streams = Streams.from_seed(cfg.seed, device)
-    latent_shape = (unet.config.in_channels, resolution // vae_scale, resolution // vae_scale)
-    step, losses, seconds, passes = 0, [], 0.0, 0
-    resolved = {**cfg.to_dict(), "steps": steps, "guidance": guidance, "resolution": resolution, "weights": weights,
-                "token": cfg.token or (token if mcls.kind == "weights" else ""),
-                section_name(cfg.method): dataclasses.asdict(mconfig), "resume": False}
-    if ckpt is not None:
-        _check_resume(ckpt, resolved, cfg.method)
-    setup_seconds = time.perf_counter() - t_setup
 
-    # ---- output folder
-    out = Path(cfg.out)
+
+def encode_photos(run: Run) -> None:
+    """Encode the photos once (a quantized folder's were encoded before its UNet loaded)."""
+    if not run.quantized_folder:
+        run.data.encode(run.vae, run.scaling, device=run.device, dtype=run.dtype)
+
+
+def build_method(run: Run) -> None:
+    """The objective, the method and its random streams; the resolved settings, checked against a resumed run."""
+    cfg = run.cfg
+    run.objective = DenoisingObjective(run.tokenizer, run.te, run.unet, run.scheduler, run.placeholder,
+                                       device=run.device, dtype=run.dtype)
+    if cfg.low_memory:
+        memory_mod.low_memory_objective(run.objective)
+    run.method = run.mcls(run.objective, run.placeholder.init_vectors, run.mconfig)
+    run.streams = Streams.from_seed(cfg.seed, run.device)
+    run.latent_shape = (run.unet.config.in_channels, run.resolution // run.vae_scale, run.resolution // run.vae_scale)
+    run.step, run.losses, run.seconds, run.passes = 0, [], 0.0, 0
+    run.resolved = {**cfg.to_dict(), "steps": run.steps, "guidance": run.guidance, "resolution": run.resolution,
+                    "weights": run.weights, "token": cfg.token or (run.token if run.mcls.kind == "weights" else ""),
+                    section_name(cfg.method): dataclasses.asdict(run.mconfig), "resume": False}
+    if run.ckpt is not None:
+        _check_resume(run.ckpt, run.resolved, cfg.method)
+
+
+def create_output_folder(run: Run) -> None:
+    """Write config.toml, let the method set up (DreamBooth's class images...), restore a checkpoint."""
+    cfg, vae = run.cfg, run.vae
+    out = run.out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.toml", lambda tmp: Path(tmp).write_text(dump_toml(resolved)))
+    atomic_write(out / "config.toml", lambda tmp: Path(tmp).write_text(dump_toml(run.resolved)))
     logger.info("personalizing %r (init %r) with %s on %s: %d images, %d steps, %s weights, %s/%s",
-                placeholder.text, cfg.init_word, cfg.method, cfg.model, len(data), steps, weights, device, dtype)
+                run.placeholder.text, cfg.init_word, cfg.method, cfg.model, len(run.data), run.steps, run.weights,
+                run.device, run.dtype)
     t_method_setup = time.perf_counter()
-    method.setup(RunContext(out=out, placeholder=placeholder, class_word=cfg.init_word, data=data,
-                            make_data=lambda folder, templates: _encoded(make_data(folder, templates), vae, scaling,
-                                                                         device, dtype),
-                            tokenizer=tokenizer, text_encoder=te, vae=vae, unet=unet,
-                            scheduler_config=scheduler.config, guidance=guidance, seed=cfg.seed, embedded=embedded,
-                            batch_size=cfg.batch_size, init_vectors_given=init_vectors is not None,
-                            steps=steps))
-    method_setup_seconds = time.perf_counter() - t_method_setup
+    run.method.setup(RunContext(out=out, placeholder=run.placeholder, class_word=cfg.init_word, data=run.data,
+                                make_data=lambda folder, templates: _encoded(run.make_data(folder, templates), vae,
+                                                                             run.scaling, run.device, run.dtype),
+                                tokenizer=run.tokenizer, text_encoder=run.te, vae=vae, unet=run.unet,
+                                scheduler_config=run.scheduler.config, guidance=run.guidance, seed=cfg.seed,
+                                embedded=run.embedded, batch_size=cfg.batch_size,
+                                init_vectors_given=run.init_vectors is not None, steps=run.steps))
+    run.method_setup_seconds = time.perf_counter() - t_method_setup
     if cfg.low_memory:
         memory_mod.drop_vae_parts(vae, decoder=not cfg.sample_images)
-    if ckpt is not None:
-        method.load_state_dict(ckpt["method"])
-        streams.load_state_dict(ckpt["streams"])
-        step, losses, seconds, passes = ckpt["step"], list(ckpt["losses"]), ckpt["seconds"], ckpt["forward_passes"]
-    objective.forward_passes = passes
+    if run.ckpt is not None:
+        ckpt = run.ckpt
+        run.method.load_state_dict(ckpt["method"])
+        run.streams.load_state_dict(ckpt["streams"])
+        run.step, run.losses, run.seconds, run.passes = (ckpt["step"], list(ckpt["losses"]), ckpt["seconds"],
+                                                         ckpt["forward_passes"])
+    run.objective.forward_passes = run.passes
 
-    def grid(at: int) -> None:
-        if not cfg.sample_images:
-            return
-        img = sample_grid(objective, vae, scheduler.config, method.theta, placeholder, cfg.sample_prompts,
-                          cfg.sample_images, cfg.sample_steps, guidance, cfg.seed, latent_shape, scaling)
-        save_png(out / "samples" / f"step_{at:06d}.png", img, upscale=max(1, 256 // resolution))
 
-    def save_state() -> None:
-        save_checkpoint(out / CHECKPOINT, {
-            "step": step, "method": method.state_dict(), "streams": streams.state_dict(), "losses": losses,
-            "seconds": seconds, "forward_passes": objective.forward_passes, "config": resolved,
-            "token": cfg.token, "theta": method.theta.detach().cpu().clone()})
-
-    probe = MemoryProbe(device)
+def training_loop(run: Run, progress: bool, callback: Callable[[dict], None] | None) -> bool:
+    """Sample a batch, ``method.step``, log, checkpoint, sample grids; Ctrl-C saves and stops.
+    Returns True when interrupted."""
+    cfg, method, data, placeholder, steps = run.cfg, run.method, run.data, run.placeholder, run.steps
+    probe = MemoryProbe(run.device)
     probe.reset()
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=steps, initial=step, desc=f"{cfg.method} {cfg.token}", dynamic_ncols=True, unit="step")
+        bar = tqdm(total=steps, initial=run.step, desc=f"{cfg.method} {cfg.token}", dynamic_ncols=True, unit="step")
     pending: list[torch.Tensor] = []
     interrupted = False
     t0 = time.perf_counter()
     with graceful_interrupt() as stop:
-        while step < steps:
+        while run.step < steps:
             if stop:
                 interrupted = True
                 break
-            batch = data.sample(cfg.batch_size, streams.data, placeholder.text)
-            loss = method.step(batch, streams)
-            step += 1
+            batch = data.sample(cfg.batch_size, run.streams.data, placeholder.text)
+            loss = method.step(batch, run.streams)
+            run.step += 1
+            step = run.step
             pending.append(loss.detach())
             if len(pending) >= 20 or step == steps or stop:
-                losses.extend(torch.stack(pending).float().cpu().tolist())
+                run.losses.extend(torch.stack(pending).float().cpu().tolist())
                 pending.clear()
                 if bar is not None:
-                    tail = losses[-20:]
+                    tail = run.losses[-20:]
                     bar.set_postfix(loss=f"{sum(tail) / len(tail):.4f}", lr=f"{method.lr:.1e}", refresh=False)
             if bar is not None:
                 bar.update(1)
@@ -604,55 +716,53 @@ def personalize(cfg: RunConfig, progress: bool = False,
                 callback({"step": step, "steps": steps, "loss": loss, "method": method, "data": data,
                           "placeholder": placeholder})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
-                seconds_now = seconds + time.perf_counter() - t0
-                seconds, t0 = seconds_now, time.perf_counter()
-                save_state()
-                method.snapshot(out / "snapshots", step, cfg.token)
+                seconds_now = run.seconds + time.perf_counter() - t0
+                run.seconds, t0 = seconds_now, time.perf_counter()
+                run.save_state()
+                method.snapshot(run.out / "snapshots", step, cfg.token)
             if cfg.sample_every and step % cfg.sample_every == 0 and step < steps:
-                seconds += time.perf_counter() - t0
-                grid(step)
+                run.seconds += time.perf_counter() - t0
+                run.grid(step)
                 t0 = time.perf_counter()
         if pending:
-            losses.extend(torch.stack(pending).float().cpu().tolist())
-        seconds += time.perf_counter() - t0
-        memory = probe.read()
-        save_state()
+            run.losses.extend(torch.stack(pending).float().cpu().tolist())
+        run.seconds += time.perf_counter() - t0
+        run.memory = probe.read()
+        run.save_state()
     if bar is not None:
         bar.close()
-    theta = method.theta.detach().cpu().clone()
-    result = RunResult(theta=theta, placeholder=placeholder, step=step, completed=not interrupted, losses=losses)
-    objective.close()
-    if interrupted:
-        logger.info("interrupted at step %d of %d; checkpoint saved in %s (continue with --resume)", step, steps, out)
-        return result
+    return interrupted
 
-    # ---- finished: samples, plots, then the files that mark a complete run
-    write_rows(te, placeholder, theta)
-    grid(step)
-    plot_losses(out / "loss.png", losses, f"{cfg.method} {placeholder.text} ({weights})")
+
+def export_outputs(run: Run, result: RunResult) -> None:
+    """Finished: samples, plots, then the files that mark a complete run (the method's output, run.json)."""
+    cfg, out, losses, step = run.cfg, run.out, run.losses, run.step
+    write_rows(run.te, run.placeholder, result.theta)
+    run.grid(step)
+    plot_losses(out / "loss.png", losses, f"{cfg.method} {run.placeholder.text} ({run.weights})")
     atomic_json(out / "losses.json", losses)
-    files = method.export(out, cfg.token, step, cfg.export_a1111)
+    files = run.method.export(out, cfg.token, step, cfg.export_a1111)
     tail = losses[-max(1, len(losses) // 10):]
+    seconds, objective, method, dtype = run.seconds, run.objective, run.method, run.dtype
     result.summary = {
-        "method": cfg.method, "model": cfg.model, "weights": weights, "acts": acts,
-        "weight_bits": WEIGHTS[weights] or (16 if dtype in (torch.float16, torch.bfloat16) else 32),
-        "token": placeholder.token, "init_word": cfg.init_word, "num_vectors": cfg.num_vectors,
-        "prompt_text": placeholder.text,
+        "method": cfg.method, "model": cfg.model, "weights": run.weights, "acts": run.acts,
+        "weight_bits": WEIGHTS[run.weights] or (16 if dtype in (torch.float16, torch.bfloat16) else 32),
+        "token": run.placeholder.token, "init_word": cfg.init_word, "num_vectors": cfg.num_vectors,
+        "prompt_text": run.placeholder.text,
         "trainable_parameters": sum(p.numel() for p in method.trainable_parameters()),
         "outputs": [str(f.relative_to(out)) for f in files], "output_bytes": sum(_size(f) for f in files),
         "steps": step, "unet_forward_passes": objective.forward_passes,
         "forward_passes_per_step": objective.forward_passes / max(1, step),
         "seconds": round(seconds, 3), "seconds_per_step": round(seconds / max(1, step), 5),
-        "setup_seconds": round(setup_seconds, 3), "method_setup_seconds": round(method_setup_seconds, 3),
-        "peak_memory_training": memory, "final_loss": losses[-1] if losses else None,
+        "setup_seconds": round(run.setup_seconds, 3), "method_setup_seconds": round(run.method_setup_seconds, 3),
+        "peak_memory_training": run.memory, "final_loss": losses[-1] if losses else None,
         "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None,
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "images": len(data),
-        "captions": str(captions) if captions is not None else f"{cfg.learnable_property} templates",
-        "resolution": resolution, "seed": cfg.seed, "method_config": dataclasses.asdict(mconfig),
+        "device": str(run.device), "dtype": str(dtype).replace("torch.", ""), "images": len(run.data),
+        "captions": str(run.captions) if run.captions is not None else f"{cfg.learnable_property} templates",
+        "resolution": run.resolution, "seed": cfg.seed, "method_config": dataclasses.asdict(run.mconfig),
         "method_info": method.summary(),
     }
     atomic_json(out / "run.json", result.summary)
-    return result
 
 
 @dataclass

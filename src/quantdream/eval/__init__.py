@@ -1,4 +1,4 @@
-"""The world evaluator (issue 2, part 5): extractors (attribute reader, world CLIP, EfficientNet-Lite0)
+"""The world evaluator: extractors (attribute reader, world CLIP, EfficientNet-Lite0)
 and metrics that are pure functions of their outputs.
 
     from quantdream.eval import load_evaluator, clip_i, clip_t, prompt_accuracy

@@ -91,7 +91,7 @@ def reader_accuracy(predictions: Sequence[dict], truths: Sequence[dict]) -> dict
 
     Per head (n_objects, class, colour, size, position, bg_pattern, bg_colour, class2, colour2; size and
     position over single-object scenes, class2/colour2 over two-object ones), ``background`` (both parts
-    right) and ``average`` = mean over class, colour, background, position, size (the bar in issue 2)."""
+    right) and ``average`` = mean over class, colour, background, position, size (the evaluator's bar)."""
     full = [dict(t) for t in truths]
     acc = prompt_accuracy(predictions, full)
     out = {k: v for k, v in acc.items() if k not in ("overall", "counts")}

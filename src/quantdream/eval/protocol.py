@@ -22,7 +22,7 @@ Metrics per run and subject, then the mean over subjects of each method:
     clip_i, clip_t, dino         real encoders from local folders (``clip=`` / ``dino=``), when given
 World metrics are meaningful only on the embedded model (its world); on other models they run but say little.
 
-New methods (issue 5) plug in with :func:`register_adapter`.
+New methods plug in with :func:`register_adapter`.
 """
 from __future__ import annotations
 
@@ -145,20 +145,47 @@ def _load_embedding(run: RunInfo, device: str = "cpu", dtype: torch.dtype = torc
     return pipe
 
 
-TOKEN_ADAPTER = Adapter("token", _check_embedding, _load_embedding)
+def _as_trained(run: RunInfo) -> str:
+    """The token methods render on the model they trained on, quantized as in training."""
+    return run.weights
+
+
+TOKEN_ADAPTER = Adapter("token", _check_embedding, _load_embedding, base_weights=_as_trained)
 ADAPTERS: dict[str, Adapter] = {"zoodip": TOKEN_ADAPTER, "zoodip-fast": TOKEN_ADAPTER, "ti": TOKEN_ADAPTER, "gf-ti": TOKEN_ADAPTER}
 
 
 def register_adapter(method: str, adapter: Adapter) -> None:
-    """Teach ``evaluate`` a method (issue 5: dreambooth folders, LoRA, PEQA/TuneQDM scale files...)."""
+    """Teach ``evaluate`` a method (dreambooth folders, LoRA, PEQA/TuneQDM scale files...)."""
     ADAPTERS[method] = adapter
+
+
+def weight_method_adapter() -> Adapter:
+    """The weight methods (DreamBooth, LoRA, QLoRA, PEQA, TuneQDM*): DreamBooth-style prompts ("sks <class>") on
+    the run's model with its output applied; methods/adapters.py says which base each output renders on."""
+    from ..methods import adapters as out
+
+    def load(run: RunInfo, device: str = "cpu", dtype: torch.dtype | None = None):
+        return out.load_applied(run.model, run.dir, device, dtype)
+
+    def load_base_of(run: RunInfo, device: str = "cpu", dtype: torch.dtype | None = None):
+        return out.load_base(run.method, run.model, run.weights, device, dtype)
+
+    return Adapter("class", lambda run: out.detect(run.dir), load, lambda run: out.base_weights(run.weights),
+                   load_base_of)
+
+
+def register_weight_methods() -> None:
+    """Register :func:`weight_method_adapter` for every weight method (methods/adapters.WEIGHT_METHODS)."""
+    from ..methods.adapters import WEIGHT_METHODS
+    adapter = weight_method_adapter()
+    for name in WEIGHT_METHODS:
+        ADAPTERS.setdefault(name, adapter)
 
 
 def adapter_for(run: RunInfo) -> Adapter:
     if run.method not in ADAPTERS:
-        try:  # the weight methods (issue 5) register themselves from methods/adapters.py
-            from ..methods.adapters import register_evaluate_adapters
-            register_evaluate_adapters()
+        try:
+            register_weight_methods()
         except ImportError:
             pass
     if run.method not in ADAPTERS:

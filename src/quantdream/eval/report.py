@@ -1,4 +1,4 @@
-"""The comparison report of ``quantdream compare`` (issue 5): ZOODiP's Table 1 columns per method, the
+"""The comparison report of ``quantdream compare``: ZOODiP's Table 1 columns per method, the
 memory-versus-fidelity scatter of its Figure 1, and sample grids, built from what the other steps wrote.
 
     rows = method_rows(runs, evaluation, memory)       # run.json per method, metrics.json, memory.json

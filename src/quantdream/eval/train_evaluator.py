@@ -1,4 +1,4 @@
-"""Train the world evaluator's networks (issue 2, part 5), and measure them.
+"""Train the world evaluator's networks, and measure them.
 
     python -m quantdream.eval.train_evaluator reader [--minutes M] [--steps N]   # attribute reader
     python -m quantdream.eval.train_evaluator clip   [--minutes M] [--steps N]   # world CLIP
@@ -15,9 +15,9 @@ weights are exported (fp16 safetensors + JSON) to ``src/quantdream/assets/evalua
 writes ``assets/evaluator/report.json``: reader accuracy per attribute (clean and augmented renders),
 world-CLIP text retrieval, and the CLIP-I / EffNet same-subject vs other-subject similarities.
 
-Commands in use (2-CPU machine shared with the generator's training, ``torch.set_num_threads(1)``); the
-weights are NOT shipped yet: both runs stopped after their first 15-minute sitting (reader at step
-1062/2000, clip at 460/1000); rerun the same commands to resume from runs/evaluator/<model>/:
+Commands (2 CPU cores, ``torch.set_num_threads(1)``); ``--minutes`` stops a run after that long with a
+checkpoint, and the same command resumes it from runs/evaluator/<model>/. The shipped weights and the
+settings they were trained with are in ``assets/evaluator/*.json``:
 
     python -m quantdream.eval.train_evaluator reader --batch-size 64 --steps 2000 --minutes 15
     python -m quantdream.eval.train_evaluator clip --batch-size 64 --steps 1000 --lr 1e-3 --minutes 15
@@ -214,7 +214,7 @@ def train(c: TrainConfig, minutes: float | None = None, save_every: float = 120.
     logger.info("  parameters = %.2fM, batch = %d scenes, steps = %d (from %d), lr = %g, seed = %d",
                 n_params / 1e6, c.batch_size, c.steps, step, c.lr, c.seed)
     t_start, t_saved = time.time(), time.time()
-    sitting_limit = minutes * 60 if minutes else float("inf")
+    time_limit = minutes * 60 if minutes else float("inf")
     bar = tqdm(total=c.steps, initial=step, desc=c.model, dynamic_ncols=True)
     model.train()
     with graceful_interrupt() as stop:
@@ -236,7 +236,7 @@ def train(c: TrainConfig, minutes: float | None = None, save_every: float = 120.
                 if callback:
                     callback({"step": step, "loss": loss.item(), "lr": lr})
             bar.update(1)
-            if time.time() - t_start >= sitting_limit:  # after the step: a sitting makes >= 1 step
+            if time.time() - t_start >= time_limit:  # after the step: a run makes >= 1 step
                 break
             if time.time() - t_saved > save_every:
                 save()
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=[*TASKS, "report"], help="network to train (reader, clip, classifier: the class "
                    "reader on object crops), or `report` to measure the packaged evaluator")
-    p.add_argument("--minutes", type=float, default=None, help="stop this sitting after M minutes (checkpoint saved; rerun to resume)")
+    p.add_argument("--minutes", type=float, default=None, help="stop this run after M minutes (checkpoint saved; rerun to resume)")
     p.add_argument("--steps", type=int, default=None, help="total optimizer steps (sets the cosine schedule; keep it fixed across resumes)")
     p.add_argument("--batch-size", type=int, default=None, help="scenes per step (default 128)")
     p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 2e-3)")

@@ -110,35 +110,30 @@ def apply_scales(unet, path: Path):
 WEIGHT_METHODS = ("dreambooth", "lora", "qlora", "peqa", "tuneqdm", "tuneqdm-s1", "tuneqdm-s2")
 
 
-def register_evaluate_adapters() -> None:
-    """Teach ``quantdream evaluate`` (eval/protocol.py) the weight methods: DreamBooth-style prompts
-    ("sks <class>") on the run's model with its output applied by :func:`apply_adapter`."""
-    from ..eval import protocol
+def base_weights(weights: str) -> str:
+    """The base a weight method's output renders on (and ``evaluate --baseline`` scores as its floor), for a
+    run trained at ``weights``: DreamBooth and LoRA on the float model they trained; a QLoRA adapter on the float
+    UNet (stock ``load_lora_weights``); a scale file on a float pipeline whose UNet alone is quantized
+    (:func:`apply_scales`), as PEQA / TuneQDM train."""
+    return "none" if weights in ("none", "nf4") else f"{weights}-unet"
 
-    def check(run) -> None:
-        detect(run.dir)
 
-    def load(run, device: str = "cpu", dtype=None):
-        import torch
-        from ..models.load import load_pipeline
-        pipe = load_pipeline(run.model, device=device, dtype=dtype or torch.float32)
-        apply_adapter(pipe, run.dir)
-        return pipe
+def load_base(method: str, model: str, weights: str, device: str = "cpu", dtype=None):
+    """That base with nothing learned applied: ``model`` loaded, then the method's own ``prepare_model``
+    (the scale methods quantize the UNet) when the base is not float."""
+    import torch
+    from ..models.load import load_pipeline
+    from . import method_class
+    pipe = load_pipeline(model, device=device, dtype=dtype or torch.float32)
+    if base_weights(weights) != "none":
+        method_class(method).prepare_model(pipe.text_encoder, pipe.vae, pipe.unet, weights, None)
+    return pipe
 
-    def base_weights(run) -> str:
-        # a QLoRA adapter renders on the float UNet (stock load_lora_weights); scale files on a float
-        # pipeline whose UNet alone is quantized (apply_scales), as PEQA / TuneQDM train
-        return "none" if run.weights in ("none", "nf4") else f"{run.weights}-unet"
 
-    def load_base(run, device: str = "cpu", dtype=None):
-        import torch
-        from ..models.load import load_pipeline
-        from . import method_class
-        pipe = load_pipeline(run.model, device=device, dtype=dtype or torch.float32)
-        if base_weights(run) != "none":      # the scale methods' frozen model: their own prepare_model
-            method_class(run.method).prepare_model(pipe.text_encoder, pipe.vae, pipe.unet, run.weights, None)
-        return pipe
-
-    adapter = protocol.Adapter("class", check, load, base_weights, load_base)
-    for name in WEIGHT_METHODS:
-        protocol.register_adapter(name, adapter)
+def load_applied(model: str, run_dir: str | Path, device: str = "cpu", dtype=None):
+    """``model`` loaded with the run's output applied (:func:`apply_adapter`)."""
+    import torch
+    from ..models.load import load_pipeline
+    pipe = load_pipeline(model, device=device, dtype=dtype or torch.float32)
+    apply_adapter(pipe, run_dir)
+    return pipe

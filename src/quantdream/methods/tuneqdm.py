@@ -1,4 +1,6 @@
-"""TuneQDM (Ryu et al.; arXiv 2401.04339): timestep-aware scale tuning of a quantized UNet, DreamBooth loss.
+"""TuneQDM (Ryu, Lim, Shim, "Memory-Efficient Fine-Tuning for Quantized Diffusion Model", ECCV 2024;
+https://arxiv.org/abs/2401.04339, code https://github.com/ugonfor/TuneQDM): timestep-aware scale tuning of a
+quantized UNet, DreamBooth loss.
 
     ECCV 2024 (v2), ``tuneqdm``:   W_j = diag(s_out^j) (W_q - z) diag(s_in^j)              MCSU
                                   j(t) = min(N - 1, floor(t N / T)),  T = 1000             TAS
@@ -14,11 +16,11 @@ S1 interval rule: [500, 1000), the high-noise half. ZOODiP's PUTS study (Fig. 4/
 subject colour and shape are learned at high-noise timesteps while low-noise steps render details and
 follow the prompt; tuning only there should keep prompt fidelity. [UNVERIFIED] TuneQDM v1's own
 interval. Alternatives: ``--set tuneqdm_s1.t_low=0 --set tuneqdm_s1.t_high=500`` etc. Measured
-(benchmarks/tuneqdm_study.py --study interval, 2 subjects): [500, 1000) has the best subject and prompt fidelity of
+(benchmarks/studies/tuneqdm_study.py --study interval, 2 subjects): [500, 1000) has the best subject and prompt fidelity of
 [0, 500), [250, 750), [500, 900) and PEQA's every-t scales (docs/personalization.md).
 N: 4 (TuneQDM's script ``--num_experts=4``, the only SD setting published); NOTE(paper): the T-note's
 CIFAR-10 ablation found N=2 best; ``--set tuneqdm.num_experts=2``. Measured here: on 4 subjects
-(benchmarks/tuneqdm_study.py --study experts) N=2 and N=4 level; on all 10 (benchmarks/comparison.py
+(benchmarks/studies/tuneqdm_study.py --study experts) N=2 and N=4 level; on all 10 (benchmarks/comparison.py
 --refresh-methods) N=2 +0.015 world CLIP-I but -0.040 prompt accuracy, below PEQA's, so N=4 stays. N=1 renders
 as PEQA, since at lr 3e-6 Adam moves s_in (init 1) by <= 5e-4 in 400 steps while s_out (~1e-3) moves by ~100%
 (TuneQDM's code: the same rate and init). The scale file holds N x 0.61 M values on SD-1.5, as int8 changes

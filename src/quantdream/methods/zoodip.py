@@ -1,4 +1,6 @@
-"""ZOODiP (Kim et al., CVPR 2025): textual inversion with forward passes only.
+"""ZOODiP (Seo, Jeong, Lee, Chun, "Efficient Personalization of Quantized Diffusion Model without
+Backpropagation", CVPR 2025; https://arxiv.org/abs/2503.14868, code https://github.com/ignoww/ZOODiP):
+textual inversion with forward passes only.
 
     e_i ~ N(0, I),  p_i = (L(theta + mu e_i) - L(theta)) / mu                       RGE, Eq. 3
     g   = sum_i p_i e_i / (n * sqrt((d_eff + n - 1) / n))                            NOTE(paper): code's norm.
@@ -19,7 +21,7 @@ Beyond the paper (off by default, so ``zoodip`` stays the paper's method):
                                token rows: search where real tokens vary (an RGE's variance grows with the
                                dimension it searches; d_eff = k)
 
-``zoodip-fast`` (class ZoodipFast) is the winner of the issue-4 search, shipped under its own name: the same
+``zoodip-fast`` (class ZoodipFast) is the winner of the personalization search, shipped under its own name: the same
 method with ``vocab_directions = 16`` and, on the embedded model, 1/3 of ZOODiP's steps at n = 2 (1/9 of its UNet
 passes) at ZOODiP's embedded PUTS interval [800, 1000) (train.EMBEDDED_DEFAULTS; on SD folders the paper's [500, 900)).
 Evidence (10 subjects) and its failure case: docs/personalization.md.

@@ -18,7 +18,7 @@ SAMPLING_DEFAULTS = {"tiny": (25, 4.0), "sd": (50, 7.5)}
 
 
 def warn_if_partially_trained(path: Path) -> None:
-    """The package may ship a model whose training is not finished yet (it trains across sittings):
+    """The package may ship a model whose training is not finished yet (it trains in resumable stages):
     say so once per process, with how far it got."""
     info = path / "training.json"
     if not info.is_file():

@@ -9,7 +9,7 @@ That is v1's recipe. v2's runs in one wall-clock budget (see ``models/train_v2.p
     python -m quantdream.models.train_embedded gpu-v2 --minutes 5.2 --out DIR --device cuda
 
 ``export`` before the UNet stage has a checkpoint writes the autoencoder alone (``vae/`` in the package), so
-a later sitting on another machine trains the UNet on the very same latents.
+a later run on another machine trains the UNet on the very same latents.
 
 Every stage is seeded (batch k is drawn from ``default_rng([seed, k])``, so a resumed run sees the
 same data), checkpoints atomically every ``--ckpt-every`` steps and on Ctrl-C, shows a progress bar,
@@ -155,7 +155,7 @@ def load_trained_vae(run: Path):
     ck = load_checkpoint(run / "vae.ckpt")
     if ck is not None:
         vae.load_state_dict(ck["model"])
-    elif (PACKAGE_MODEL_DIR / "vae").is_dir():  # a new sitting: the autoencoder ships in the package
+    elif (PACKAGE_MODEL_DIR / "vae").is_dir():  # a fresh machine: the autoencoder ships in the package
         from diffusers import AutoencoderKL
         vae = AutoencoderKL.from_pretrained(str(PACKAGE_MODEL_DIR / "vae"), torch_dtype=torch.float32)
     else:
@@ -164,7 +164,7 @@ def load_trained_vae(run: Path):
 
 
 def load_package_state(unet, te) -> tuple[dict, int, float]:
-    """Resume in a new sitting from the committed package (its EMA weights, fp16 on disk; Adam restarts
+    """Resume on a fresh machine from the committed package (its EMA weights, fp16 on disk; Adam restarts
     with a short warm-up). Returns (ema, step, scaling)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -310,7 +310,7 @@ def export(a) -> None:
     vae = load_trained_vae(run)
     out = Path(a.out)
     ck = load_checkpoint(run / "unet.ckpt")
-    if ck is None:  # the autoencoder alone, for the next sitting's UNet stage (load_trained_vae)
+    if ck is None:  # the autoencoder alone, for a later UNet stage (load_trained_vae)
         if load_checkpoint(run / "vae.ckpt") is None:
             raise FileNotFoundError(f"neither {run / 'unet.ckpt'} nor {run / 'vae.ckpt'} found: train stage `vae` first")
         vae.to(torch.float16).save_pretrained(str(out / "vae"), safe_serialization=True)

@@ -169,7 +169,7 @@ def save_scales(model: nn.Module, path: str | os.PathLike, *, dtype: str = "int8
     (s_out - s0, s_in - 1); the load adds them back to the quantizer's scales, so the error is a fraction of
     the change, not of the scale (an s_in near 1 moves by ~1e-4, below float16's spacing of 1e-3 at 1):
     float16 keeps 11 bits of each change, int8 rounds each layer's changes to a grid of max|change| / 127
-    (a quarter of float32's bytes; benchmarks/scale_file_dtype.py measures what that costs).
+    (a quarter of float32's bytes; benchmarks/studies/scale_file_dtype.py measures what that costs).
     """
     from ..checkpoint import atomic_write
     selector = scale_selector(model)

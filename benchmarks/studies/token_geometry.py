@@ -1,6 +1,6 @@
-"""Where learned tokens moved from their init word, against textual inversion's move (issue 4). Prints one JSON object.
+"""Where learned tokens moved from their init word, against textual inversion's move. Prints one JSON object.
 
-    python benchmarks/token_geometry.py --ti 'RUNS/{subject}/ti' \\
+    python benchmarks/studies/token_geometry.py --ti 'RUNS/{subject}/ti' \\
         --variant 'zoodip=RUNS/{subject}/zoodip' --variant 'zoodip-fast=RUNS/{subject}/zoodip-fast'
 
 For each subject (examples/subjects, default all) and run folder (``{subject}`` is replaced by the subject's
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def learned_row(run: Path):

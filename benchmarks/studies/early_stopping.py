@@ -1,6 +1,6 @@
-"""Early stopping on a held-out loss for ZOODiP (issue 4, "beyond the paper"). Prints one JSON object.
+"""Early stopping on a held-out loss for ZOODiP (beyond the paper). Prints one JSON object.
 
-    python benchmarks/early_stopping.py --subjects teal_bag,olive_coat,mustard_boot --threads 1
+    python benchmarks/studies/early_stopping.py --subjects teal_bag,olive_coat,mustard_boot --threads 1
 
 Can ZOODiP stop before its last step without losing subject fidelity? ZOODiP's world CLIP-I stops rising after
 ~500-1000 of its 1,500 steps on the embedded model (docs/personalization.md), so a rule that notices the
@@ -26,7 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from personalization import METRICS, add_harness_args, eval_settings, evaluate, mean, subject_dirs, train  # noqa: E402
 
 

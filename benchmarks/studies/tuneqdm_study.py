@@ -1,9 +1,9 @@
-"""TuneQDM's open choices on the embedded model (issue 5). Prints one JSON object.
+"""TuneQDM's open choices on the embedded model. Prints one JSON object.
 
-    python benchmarks/tuneqdm_study.py --study interval              # S1's timestep interval (default study)
-    python benchmarks/tuneqdm_study.py --study experts               # TuneQDM's number of timestep experts N
-    python benchmarks/tuneqdm_study.py --study mcsu                  # input scales at their own rate (beyond the paper)
-    python benchmarks/tuneqdm_study.py --subjects teal_bag,olive_coat   # a subset; rerun to resume
+    python benchmarks/studies/tuneqdm_study.py --study interval              # S1's timestep interval (default study)
+    python benchmarks/studies/tuneqdm_study.py --study experts               # TuneQDM's number of timestep experts N
+    python benchmarks/studies/tuneqdm_study.py --study mcsu                  # input scales at their own rate (beyond the paper)
+    python benchmarks/studies/tuneqdm_study.py --subjects teal_bag,olive_coat   # a subset; rerun to resume
 
 interval: S1 trains one PEQA scale set that is used only for t in [t_low, t_high) (frozen quantizer scales
 elsewhere). The rule quantdream ships is [500, 1000), the high-noise half (methods/tuneqdm.py says why); it
@@ -30,7 +30,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from personalization import METRICS, add_harness_args, eval_settings, evaluate, mean, subject_dirs, train  # noqa: E402
 
 INTERVALS = {"s1-high": (500, 1000), "s1-low": (0, 500), "s1-middle": (250, 750), "s1-puts": (500, 900)}

@@ -1,16 +1,16 @@
-"""ZOODiP's hyperparameters on the embedded model: the paper's method, other settings (issue 4). Prints one JSON object.
+"""ZOODiP's hyperparameters on the embedded model: the paper's method, other settings. Prints one JSON object.
 
-    python benchmarks/zoodip_study.py --study sweep --subjects teal_bag,olive_coat,mustard_boot,coral_top \\
+    python benchmarks/studies/zoodip_study.py --study sweep --subjects teal_bag,olive_coat,mustard_boot,coral_top \\
         --images-per-prompt 2                                   # PUTS interval, then SG's tau, n, ZO-Adam eps
-    python benchmarks/zoodip_study.py --study best \\
+    python benchmarks/studies/zoodip_study.py --study best \\
         --reference benchmarks/results/2026-11-24/personalization-10subjects.json   # the sweep's best, 10 subjects
-    python benchmarks/zoodip_study.py --study long --subjects teal_bag,olive_coat,mustard_boot,coral_top \
+    python benchmarks/studies/zoodip_study.py --study long --subjects teal_bag,olive_coat,mustard_boot,coral_top \
         --reference benchmarks/results/2026-11-24/personalization-10subjects-puts800.json   # 2x, 3x the steps
-    python benchmarks/zoodip_study.py --study lr --subjects teal_bag,olive_coat,mustard_boot,coral_top \
+    python benchmarks/studies/zoodip_study.py --study lr --subjects teal_bag,olive_coat,mustard_boot,coral_top \
         --reference benchmarks/results/2026-11-24/personalization-10subjects-puts800.json   # the paper's lr 5e-3, longer
-    python benchmarks/zoodip_study.py --study oracle --subjects teal_bag,olive_coat,mustard_boot,coral_top \
+    python benchmarks/studies/zoodip_study.py --study oracle --subjects teal_bag,olive_coat,mustard_boot,coral_top \
         --reference benchmarks/results/2026-11-24/personalization-10subjects-puts800.json   # without direction noise
-    python benchmarks/zoodip_study.py --study mu --subjects teal_bag,olive_coat,mustard_boot,coral_top \
+    python benchmarks/studies/zoodip_study.py --study mu --subjects teal_bag,olive_coat,mustard_boot,coral_top \
         --images-per-prompt 2                                   # the finite-difference step mu
 
 sweep: textual inversion (the reference) and ZOODiP ("zoodip") with the paper's PUTS interval [500, 900) beside
@@ -62,7 +62,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from personalization import (METRICS, PAPER_PUTS, add_harness_args, eval_settings, evaluate, mean,  # noqa: E402
                              subject_dirs, subject_rows, train)
 

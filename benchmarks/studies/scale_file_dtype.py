@@ -1,6 +1,6 @@
-"""Do the int8 and float16 scale files lose anything? (peqa, tuneqdm; issue 5's storage column.) One JSON object.
+"""Do the int8 and float16 scale files lose anything? (peqa, tuneqdm; the comparison's storage column.) One JSON object.
 
-    python benchmarks/scale_file_dtype.py --subjects teal_bag,olive_coat --threads 1
+    python benchmarks/studies/scale_file_dtype.py --subjects teal_bag,olive_coat --threads 1
 
 Scale files hold int8 changes from the quantizer's scales by default (quant/scales.py): a quarter of the bytes of
 float32 scales (float16 changes: half). Each method is trained once per subject with ``file_dtype = float32``;
@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 from personalization import (METRICS, add_harness_args, eval_settings, evaluate, mean, subject_dirs,  # noqa: E402
                              subject_rows, train)
 
