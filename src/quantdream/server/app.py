@@ -20,6 +20,7 @@ Requests that change anything must carry ``X-Quantdream: 1`` (a page of another 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -80,17 +81,16 @@ def create_app(cfg: ServeConfig, start_queue: bool = True) -> FastAPI:
     store = Store(cfg)
     queue = Queue(store)
     models = check_models(cfg.models)
-    app = FastAPI(title="quantdream serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.store, app.state.queue, app.state.models = store, queue, models
 
-    if start_queue:
-        @app.on_event("startup")
-        async def _start() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if start_queue:
             queue.start()
+        yield
+        queue.close()
 
-        @app.on_event("shutdown")
-        async def _stop() -> None:
-            queue.close()
+    app = FastAPI(title="quantdream serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.store, app.state.queue, app.state.models = store, queue, models
 
     # ------------------------------------------------------------------ safety on every request
     @app.middleware("http")
