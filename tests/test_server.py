@@ -52,7 +52,7 @@ def serve(tmp_path, fake_python, monkeypatch):
         c.__exit__(None, None, None)
 
 
-def wait(client, run_id, pred, timeout=30.0):
+def wait(client, run_id, pred, timeout=60.0):
     t0 = time.time()
     while time.time() - t0 < timeout:
         r = client.get(f"/api/runs/{run_id}").json()

@@ -2,6 +2,7 @@
 
     personalize job   python -m quantdream.cli.main personalize --images photos --out out ...   (log.txt)
     generate job      python -m quantdream.cli.main generate PROMPTS --adapter out --out generations/<n>
+    (each runs in its run's folder, so the paths in its command and log are relative to it)
 
 States: queued -> running -> done | stopped | failed; stop sends SIGINT (what Ctrl-C does: personalize saves
 checkpoint.pt and exits 130), resume queues the same command with --resume (or from scratch when no checkpoint
@@ -41,16 +42,17 @@ def package_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
-def pid_alive(pid: int | None, needle: str = "") -> bool:
-    """A live (not zombie) process whose command line contains ``needle`` (guards against a reused pid)."""
+def pid_alive(pid: int | None, cwd: Path | None = None) -> bool:
+    """A live (not zombie) process, working in ``cwd`` when given (a job runs in its run's folder: guards
+    against a reused pid)."""
     if not pid:
         return False
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        here = Path(os.readlink(f"/proc/{pid}/cwd")) if cwd is not None else None
     except OSError:
         return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and needle in cmd
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and (cwd is None or here == cwd)
 
 
 def proc_memory(pid: int | None) -> dict:
@@ -145,7 +147,7 @@ class Queue:
         for rec in self.store.all():
             for job, key in self._jobs_of(rec):
                 if job["state"] in ("running", "stopping"):
-                    if pid_alive(job.get("pid"), self._needle(rec, job)):
+                    if pid_alive(job.get("pid"), self.store.run_dir(rec["id"])):
                         self.procs[key] = job["pid"]
                         if job["state"] == "stopping":
                             self.stopping.add(key)
@@ -158,9 +160,6 @@ class Queue:
         yield rec, (rec["id"], "")
         for g in rec.get("generations", []):
             yield g, (rec["id"], g["id"])
-
-    def _needle(self, rec: dict, job: dict) -> str:
-        return str(self.store.run_dir(rec["id"]) / ("out" if job is rec else f"generations/{job['id']}"))
 
     # ------------------------------------------------------------------ the loop
     def tick(self) -> None:
@@ -192,10 +191,9 @@ class Queue:
 
     # ------------------------------------------------------------------ commands
     def personalize_command(self, rec: dict, resume: bool) -> list[str]:
-        d = self.store.run_dir(rec["id"])
         p = rec["params"]
         cmd = [self.cfg.python or sys.executable, "-m", "quantdream.cli.main", "personalize",
-               "--images", str(d / "photos"), "--init-word", p["init_word"], "--out", str(d / "out"),
+               "--images", "photos", "--init-word", p["init_word"], "--out", "out",
                "--model", rec["model_path"], "--method", p["method"], "--weights", p["weights"],
                "--seed", str(p["seed"]), "--sample-every", str(p["sample_every"]),
                "--checkpoint-every", str(p["checkpoint_every"]),
@@ -211,10 +209,9 @@ class Queue:
         return cmd + (["--resume"] if resume else [])
 
     def generate_command(self, rec: dict, gen: dict) -> list[str]:
-        d = self.store.run_dir(rec["id"])
         cmd = [self.cfg.python or sys.executable, "-m", "quantdream.cli.main", "generate", *gen["prompts"],
-               "--model", rec["model_path"], "--adapter", str(d / "out"), "-n", str(gen["num_images"]),
-               "--seed", str(gen["seed"]), "--out", str(d / "generations" / gen["id"])]
+               "--model", rec["model_path"], "--adapter", "out", "-n", str(gen["num_images"]),
+               "--seed", str(gen["seed"]), "--out", f"generations/{gen['id']}"]
         if gen.get("steps"):
             cmd += ["--steps", str(gen["steps"])]
         return cmd
