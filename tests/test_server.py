@@ -108,7 +108,7 @@ def test_run_lifecycle(serve):
     assert run["params"]["init_word"] == "bag" and run["photos"][:2] == ["00.png", "01.png"]
     r = wait(c, rid, lambda r: r["state"] == "done")
     p = r["progress"]
-    assert p["step"] == p["steps"] == 40 and p["samples"][-1] == "step_000040.png" and len(p["curve"]) == 40
+    assert p["step"] == p["steps"] == 40 and p["samples"][-1] == "step_000040.png" and len(p["curve"]) == 2
     assert r["downloads"][:1] == ["learned_embeds.safetensors"] and "run.json" in r["downloads"]
     d = c.get(f"/api/runs/{rid}/files/out/learned_embeds.safetensors", params={"download": 1})
     assert d.status_code == 200 and d.content == b"fake" and "attachment" in d.headers["content-disposition"]
@@ -301,3 +301,21 @@ def test_first_page_within_5_seconds(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=10)
+
+
+def test_parse_log_reads_personalize_progress():
+    """The tqdm line `personalize` writes (unit step, postfix loss every 20 steps), over a resume."""
+    from quantdream.server.jobs import START, parse_log
+    log = ("Loading pipeline components...: 100%|##########| 5/5 [00:01<00:00,  4.99it/s]\n"
+           "zoodip-fast <b>:  33%|###3      | 20/60 [00:10<00:20,  1.96step/s, loss=0.0057, lr=1.0e-02]\r"
+           "zoodip-fast <b>:  35%|###5      | 21/60 [00:10<00:20,  1.96step/s, loss=0.0057, lr=1.0e-02]\n"
+           "interrupted at step 21; continue with the same command plus --resume\n"
+           f"{START}2026-01-01: personalize ... --resume\n")
+    p = parse_log(log)
+    assert (p["step"], p["steps"], p["step_before"], p["steps_before"]) == (None, None, 21, 60)
+    assert p["curve"] == [(20, 0.0057)]
+    log += ("zoodip-fast <b>:  67%|######6   | 40/60 [00:10<00:05,  2.50s/step, loss=0.0041, lr=1.0e-02]\r"
+            "quantdream personalize: error: something clear\n")
+    p = parse_log(log)
+    assert (p["step"], p["steps"]) == (40, 60) and p["steps_per_second"] == pytest.approx(0.4)
+    assert p["curve"] == [(20, 0.0057), (40, 0.0041)] and p["error"] == "something clear"

@@ -76,10 +76,11 @@ def parse_log(text: str) -> dict:
     step = total = None
     rate = None
     before = (None, None)        # where the previous start (before a resume) got to
+    last_loss = None
     for m in PROGRESS.finditer(text):
         s, n, r, unit, loss = m.groups()
-        if loss is not None:
-            curve[int(s)] = float(loss)
+        if loss is not None and float(loss) != last_loss:   # tqdm shows the mean of 20 steps until the next one
+            curve[int(s)] = last_loss = float(loss)
         if m.start() < last_start:
             before = (int(s), int(n))
         else:
@@ -333,9 +334,9 @@ class Queue:
         parsed = parse_log(log.read_text(errors="replace")) if log.is_file() else parse_log("")
         run_json = read_json(d / "out" / "run.json") if rec["state"] == "done" else None
         losses = read_json(d / "out" / "losses.json") if run_json else None
-        if isinstance(losses, list) and losses:    # the finished curve: every step, thinned to <= 400 points
-            every = max(1, len(losses) // 400)
-            curve = [(i + 1, losses[i]) for i in range(0, len(losses), every)]
+        if isinstance(losses, list) and losses:    # the finished curve: means of 20 steps, as the live one
+            curve = [(min(i + 20, len(losses)), sum(losses[i:i + 20]) / len(losses[i:i + 20]))
+                     for i in range(0, len(losses), 20)]
         else:
             curve = parsed["curve"]
         steps = parsed["steps"] or parsed["steps_before"] or (run_json or {}).get("steps") or \

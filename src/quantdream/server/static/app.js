@@ -33,7 +33,7 @@ function lineChart(svg, points, opts = {}) {
   let x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (x1 === x0) x1 = x0 + 1; if (y1 === y0) { y1 += Math.abs(y0) * 0.1 + 1e-6; y0 -= Math.abs(y0) * 0.1 + 1e-6; }
   const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R), sy = y => T + (1 - (y - y0) / (y1 - y0)) * (Hh - T - B);
-  const fmt = v => Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : v.toPrecision(2);
+  const fmt = v => Number.isInteger(v) || Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : v.toPrecision(2);
   let g = `<line x1="${L}" y1="${Hh - B}" x2="${W - R}" y2="${Hh - B}" stroke="#d0d5dd"/><line x1="${L}" y1="${T}" x2="${L}" y2="${Hh - B}" stroke="#d0d5dd"/>`;
   g += `<text x="${L - 6}" y="${T + 4}" text-anchor="end" font-size="11" fill="#667085">${fmt(y1)}</text>`;
   g += `<text x="${L - 6}" y="${Hh - B}" text-anchor="end" font-size="11" fill="#667085">${fmt(y0)}</text>`;
