@@ -129,9 +129,13 @@ def test_run_lifecycle(serve):
     assert c.get(f"/api/runs/{rid}/files/generations/001/000_prompt_0.png").status_code == 200
     for bad in ({"prompts": []}, {"prompts": ["x"] * 9}, {"prompts": ["--out /etc"]}, {"prompts": ["a {}"], "num_images": 99}):
         assert c.post(f"/api/runs/{rid}/generate", json=bad, headers=H).status_code == 400, bad
-    # compare, delete
+    # evaluate, compare, delete
+    assert c.post(f"/api/runs/{rid}/evaluate", headers=H).status_code == 201
+    r = wait(c, rid, lambda r: r.get("evaluation", {}).get("state") == "done")
+    assert r["evaluation"]["metrics"] == {"world_clip_i": 0.25, "prompt_accuracy": 0.5}
     row = c.get("/api/compare").json()["runs"][0]
     assert row["id"] == rid and row["peak_mib"] == 123.0 and row["grid"] == "out/samples/step_000040.png"
+    assert row["fidelity"]["world_clip_i"] == 0.25
     assert c.get("/api/compare", params={"ids": "../x"}).status_code == 404
     assert c.delete(f"/api/runs/{rid}", headers=H).json() == {"deleted": rid}
     assert run_dirs(c) == [] and c.get(f"/api/runs/{rid}").status_code == 404
@@ -188,6 +192,7 @@ def test_failed_job_shows_its_error_line(serve):
     r = wait(c, rid, lambda r: r["state"] == "failed")
     assert r["error"] == "the class word 'failword' is not one token" and r["returncode"] == 2
     assert c.post(f"/api/runs/{rid}/generate", json={"prompts": ["a {}"]}, headers=H).status_code == 409
+    assert c.post(f"/api/runs/{rid}/evaluate", headers=H).status_code == 409
 
 
 # ----------------------------------------------------------------------------- safety

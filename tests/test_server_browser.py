@@ -143,6 +143,10 @@ def test_browser_upload_train_stop_resume_kill_generate_download(server, tmp_pat
         path = tmp_path / "learned_embeds.safetensors"
         dl.value.save_as(str(path))
 
+        if os.environ.get("QUANTDREAM_SCREENSHOTS"):   # the docs' pictures: fidelity on the run and compare pages
+            page.click("#evaluate")
+            page.wait_for_selector("#eval-state [data-state=done]", timeout=300_000)
+            shot("run-done")
         page.goto(url + "/")
         page.wait_for_selector(f"tr[data-id='{run_id}'] [data-state=done]")
         shot("runs")

@@ -8,6 +8,7 @@
     GET  /api/events  /api/runs/{id}/events      the same, as server-sent events while anything changes
     POST /api/runs/{id}/stop | resume            SIGINT (checkpoint kept) | continue from the checkpoint
     POST /api/runs/{id}/generate                 prompts with the learned token -> images (a generate job)
+    POST /api/runs/{id}/evaluate                 subject and prompt fidelity (an evaluate job; compare shows it)
     GET  /api/runs/{id}/files/{path}             a file of the run (samples, downloads, photos, generated images)
     GET  /api/runs/{id}/log                      the whole log
     DELETE /api/runs/{id}
@@ -225,7 +226,7 @@ def create_app(cfg: ServeConfig, start_queue: bool = True) -> FastAPI:
         return JSONResponse(view(rec), status_code=201)
 
     def view(rec: dict, detail: bool = False) -> dict:
-        out = {k: v for k, v in rec.items() if k not in ("model_path", "pid", "generations")}
+        out = {k: v for k, v in rec.items() if k not in ("model_path", "pid", "generations", "evaluation")}
         out["progress"] = queue.progress(rec)
         if not detail:
             out["progress"].pop("curve", None)
@@ -237,6 +238,10 @@ def create_app(cfg: ServeConfig, start_queue: bool = True) -> FastAPI:
             out["downloads"] += [str(p.relative_to(d / "out")) for p in sorted((d / "out" / "unet").rglob("*"))
                                  if p.is_file()]
         out["log_tail"] = last_lines(d / "log.txt")
+        if rec.get("evaluation"):
+            ev = rec["evaluation"]
+            out["evaluation"] = {**{k: v for k, v in ev.items() if k != "pid"},
+                                 "log_tail": last_lines(d / "eval" / "log.txt", 8) if ev["state"] == "failed" else ""}
         out["generations"] = [{**{k: v for k, v in g.items() if k != "pid"},
                                "log_tail": last_lines(d / "generations" / g["id"] / "log.txt", 8)
                                if g["state"] == "failed" else ""} for g in rec["generations"]]
@@ -309,6 +314,13 @@ def create_app(cfg: ServeConfig, start_queue: bool = True) -> FastAPI:
         queue.submit_generation(rec, gen)
         return JSONResponse(gen, status_code=201)
 
+    @app.post("/api/runs/{run_id}/evaluate")
+    async def evaluate(run_id: str):
+        rec = store.get(run_id)
+        if rec["state"] != "done":
+            raise RequestError("evaluate needs a finished run", 409)
+        return JSONResponse(queue.submit_evaluation(rec), status_code=201)
+
     @app.get("/api/runs/{run_id}/files/{path:path}")
     async def files(run_id: str, path: str, download: int = 0):
         p = inside(store.run_dir(run_id), *Path(path).parts) if path else None
@@ -338,7 +350,8 @@ def create_app(cfg: ServeConfig, start_queue: bool = True) -> FastAPI:
                          "peak_mib": (s.get("peak_memory_training") or {}).get("vmhwm_mib"),
                          "final_loss": s.get("final_loss_mean_last_10pct"), "output_bytes": s.get("output_bytes"),
                          "trainable_parameters": s.get("trainable_parameters"),
-                         "grid": f"out/samples/{samples[-1]}" if samples else None})
+                         "grid": f"out/samples/{samples[-1]}" if samples else None,
+                         "fidelity": (rec.get("evaluation") or {}).get("metrics", {})})
         return {"runs": rows}
 
     @app.get("/favicon.ico")

@@ -2,6 +2,7 @@
 
     personalize job   python -m quantdream.cli.main personalize --images photos --out out ...   (log.txt)
     generate job      python -m quantdream.cli.main generate PROMPTS --adapter out --out generations/<n>
+    evaluate job      python -m quantdream.cli.main evaluate out --out eval ...   (subject fidelity for compare)
     (each runs in its run's folder, so the paths in its command and log are relative to it)
 
 States: queued -> running -> done | stopped | failed; stop sends SIGINT (what Ctrl-C does: personalize saves
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 # tqdm's line for the training loop (unit="step"); "Loading pipeline components" uses it/s and is skipped
 PROGRESS = re.compile(r"(\d+)/(\d+) \[[^\]<]*<[^,\]]*,\s*(\?|[\d.]+)(step/s|s/step)(?:, loss=([-+\d.eE]+))?")
 START = "== quantdream serve: start "
+EVAL = "eval"            # the evaluation's job id (generations are 001, 002, ...)
 ERROR = re.compile(r"^quantdream \w+: error: (.*)$")
 
 
@@ -97,6 +99,13 @@ def parse_log(text: str) -> dict:
             "step_before": before[0], "steps_before": before[1]}
 
 
+def evaluation_metrics(path: Path) -> dict:
+    """The mean metrics of `quantdream evaluate`'s metrics.json (world CLIP-I/T, EfficientNet, prompt accuracy)."""
+    data = read_json(path) or {}
+    means = data.get("means") or [{}]
+    return {k: v for k, v in (means[0].get("metrics") or {}).items() if isinstance(v, (int, float))}
+
+
 def last_lines(path: Path, n: int = 40, max_bytes: int = 65536) -> str:
     """The end of a log, progress bars collapsed to their last state."""
     try:
@@ -161,6 +170,16 @@ class Queue:
         yield rec, (rec["id"], "")
         for g in rec.get("generations", []):
             yield g, (rec["id"], g["id"])
+        if rec.get("evaluation"):
+            yield rec["evaluation"], (rec["id"], EVAL)
+
+    def _job(self, rec: dict, sub: str) -> dict:
+        return rec if not sub else rec["evaluation"] if sub == EVAL else self._gen(rec, sub)
+
+    def _folder(self, rec: dict, sub: str) -> Path:
+        """Where a job writes its log: the run folder, eval/ or generations/<n>/."""
+        d = self.store.run_dir(rec["id"])
+        return d if not sub else d / EVAL if sub == EVAL else d / "generations" / sub
 
     # ------------------------------------------------------------------ the loop
     def tick(self) -> None:
@@ -174,7 +193,7 @@ class Queue:
                 del self.procs[key]
                 if rec is None:
                     continue
-                job = rec if not key[1] else next(g for g in rec["generations"] if g["id"] == key[1])
+                job = self._job(rec, key[1])
                 self._finish(rec, job, key, None if rc == "unknown" else rc)
                 self.store.save(rec)
             queued = sorted(((job["queued_at"], rec["id"], key) for rec in self.store.runs.values()
@@ -217,15 +236,22 @@ class Queue:
             cmd += ["--steps", str(gen["steps"])]
         return cmd
 
+    def evaluate_command(self, rec: dict) -> list[str]:
+        """`quantdream evaluate` at a cheaper cut than the benchmarks (context and property prompts, 2 images each);
+        the subject is photos/subject.json (the example subjects have one; uploads do not, and the page says so)."""
+        return [self.cfg.python or sys.executable, "-m", "quantdream.cli.main", "evaluate", "out", "--out", EVAL,
+                "--prompts", "context,property", "--images-per-prompt", "2", "--overwrite"]
+
     def _launch(self, rec: dict, key: tuple[str, str]) -> None:
         d = self.store.run_dir(rec["id"])
-        if key[1]:
-            job = next(g for g in rec["generations"] if g["id"] == key[1])
-            log = d / "generations" / job["id"] / "log.txt"
+        log = self._folder(rec, key[1]) / "log.txt"
+        if key[1] == EVAL:
+            job, cmd = rec["evaluation"], self.evaluate_command(rec)
+        elif key[1]:
+            job = self._gen(rec, key[1])
             cmd = self.generate_command(rec, job)
         else:
             job = rec
-            log = d / "log.txt"
             resume = (d / "out" / "checkpoint.pt").is_file()
             if not resume and (d / "out").exists():
                 shutil.rmtree(d / "out")     # stopped before its first checkpoint: start again from scratch
@@ -247,11 +273,12 @@ class Queue:
         """Record how a job ended: done (exit 0 and its result file), stopped (exit 130 after Ctrl-C/stop),
         failed (anything else; the error line or the signal that killed it, and the log stays)."""
         d = self.store.run_dir(rec["id"])
-        gen = job is not rec
-        log = d / "generations" / job["id"] / "log.txt" if gen else d / "log.txt"
+        gen = key[1] not in ("", EVAL)
+        folder = self._folder(rec, key[1])
+        log = folder / "log.txt"
         text = log.read_text(errors="replace") if log.is_file() else ""
         parsed = parse_log(text)
-        result = (d / "generations" / job["id"] / "grid.png") if gen else (d / "out" / "run.json")
+        result = folder / {"": "out/run.json", EVAL: "metrics.json"}.get(key[1], "grid.png")
         fresh = result.is_file() and result.stat().st_mtime >= (job.get("started") or 0) - 1
         tail = text[text.rfind(START):] if START in text else text
         if rc == 0 and fresh or rc is None and fresh:
@@ -273,15 +300,16 @@ class Queue:
         self.stopping.discard(key)
         job.update(state=state, ended=now(), returncode=rc, error=error, pid=None)
         if gen and state == "done":
-            out = d / "generations" / job["id"]
-            job["images"] = sorted(p.name for p in out.glob("*.png") if p.name != "grid.png")
+            job["images"] = sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
+        if key[1] == EVAL and state == "done":
+            job["metrics"] = evaluation_metrics(folder / "metrics.json")
 
     # ------------------------------------------------------------------ user actions
     def stop(self, run_id: str, gen_id: str = "") -> dict:
         """Queued: taken off the queue. Running: SIGINT, like Ctrl-C (personalize saves a checkpoint)."""
         with self.store.lock:
             rec = self.store.get(run_id)
-            job = rec if not gen_id else self._gen(rec, gen_id)
+            job = self._job(rec, gen_id)
             key = (run_id, gen_id)
             if job["state"] == "queued":
                 job.update(state="stopped", ended=now())
@@ -320,6 +348,15 @@ class Queue:
             rec["generations"].append(gen)
             self.store.save(rec)
             return gen
+
+    def submit_evaluation(self, rec: dict) -> dict:
+        with self.store.lock:
+            if rec.get("evaluation", {}).get("state") in ("queued", "running", "stopping"):
+                raise RequestError("this run is being evaluated already", 409)
+            rec["evaluation"] = {"id": EVAL, "state": "queued", "queued_at": now(), "created": now()}
+            (self.store.run_dir(rec["id"]) / EVAL).mkdir(exist_ok=True)
+            self.store.save(rec)
+            return rec["evaluation"]
 
     def _gen(self, rec: dict, gen_id: str) -> dict:
         for g in rec["generations"]:

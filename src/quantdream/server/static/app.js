@@ -31,7 +31,7 @@ function lineChart(svg, points, opts = {}) {
   if (!points.length) { svg.innerHTML = `<text x="${W / 2}" y="${Hh / 2}" text-anchor="middle" fill="#98a2b3" font-size="13">${esc(opts.empty || "no data yet")}</text>`; return; }
   const xs = points.map(p => p[0]), ys = points.map(p => p[1]);
   let x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
-  if (x1 === x0) x1 = x0 + 1; if (y1 === y0) { y1 += Math.abs(y0) * 0.1 + 1e-6; y0 -= Math.abs(y0) * 0.1 + 1e-6; }
+  if (x1 === x0) { x0 -= Math.max(1, Math.abs(x0) * 0.05); x1 += Math.max(1, Math.abs(x1) * 0.05); } if (y1 === y0) { y1 += Math.abs(y0) * 0.1 + 1e-6; y0 -= Math.abs(y0) * 0.1 + 1e-6; }
   const sx = x => L + (x - x0) / (x1 - x0) * (W - L - R), sy = y => T + (1 - (y - y0) / (y1 - y0)) * (Hh - T - B);
   const fmt = v => Number.isInteger(v) || Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(2) : v.toPrecision(2);
   let g = `<line x1="${L}" y1="${Hh - B}" x2="${W - R}" y2="${Hh - B}" stroke="#d0d5dd"/><line x1="${L}" y1="${T}" x2="${L}" y2="${Hh - B}" stroke="#d0d5dd"/>`;
