@@ -130,6 +130,7 @@ def test_run_lifecycle(serve):
     for bad in ({"prompts": []}, {"prompts": ["x"] * 9}, {"prompts": ["--out /etc"]}, {"prompts": ["a {}"], "num_images": 99}):
         assert c.post(f"/api/runs/{rid}/generate", json=bad, headers=H).status_code == 400, bad
     # evaluate, compare, delete
+    assert c.get(f"/api/runs/{rid}").json()["evaluable"]
     assert c.post(f"/api/runs/{rid}/evaluate", headers=H).status_code == 201
     r = wait(c, rid, lambda r: r.get("evaluation", {}).get("state") == "done")
     assert r["evaluation"]["metrics"] == {"world_clip_i": 0.25, "prompt_accuracy": 0.5}
@@ -204,6 +205,9 @@ def test_upload_checks(serve):
     assert r.status_code == 201, r.text
     rid = r.json()["id"]
     assert r.json()["photos"] == ["00.png", "01.png", "02.png"]
+    wait(c, rid, lambda r: r["state"] == "done")
+    assert not c.get(f"/api/runs/{rid}").json()["evaluable"]
+    assert "subject.json" in c.post(f"/api/runs/{rid}/evaluate", headers=H).json()["error"]
     assert sorted(p.name for p in (c.app.state.store.run_dir(rid) / "photos").iterdir()) == ["00.png", "01.png", "02.png"]
     before = run_dirs(c)
     big = io.BytesIO()

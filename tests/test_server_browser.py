@@ -143,10 +143,24 @@ def test_browser_upload_train_stop_resume_kill_generate_download(server, tmp_pat
         path = tmp_path / "learned_embeds.safetensors"
         dl.value.save_as(str(path))
 
-        if os.environ.get("QUANTDREAM_SCREENSHOTS"):   # the docs' pictures: fidelity on the run and compare pages
+        if os.environ.get("QUANTDREAM_SCREENSHOTS"):
+            # the docs' pictures: a second run on the example subject (it has subject.json), evaluated, for the
+            # fidelity on the run and compare pages
+            page.goto(url + "/new")
+            page.select_option("#subject", "teal_bag")
+            page.select_option("#method", "ti")
+            page.fill("#name", "teal bag ti")
+            page.fill("#steps", "40")
+            page.click("details summary")
+            page.fill("#sample_every", "20")
+            page.fill("#sample_images", "1")
+            page.fill("#sample_steps", "3")
+            page.click("#start")
+            page.wait_for_url(re.compile(r"/runs/[a-z0-9-]+$"))
+            state("done")
             page.click("#evaluate")
-            page.wait_for_selector("#eval-state [data-state=done]", timeout=300_000)
-            shot("run-done")
+            page.wait_for_selector("#eval-state [data-state=done]", timeout=600_000)
+            shot("run-evaluated")
         page.goto(url + "/")
         page.wait_for_selector(f"tr[data-id='{run_id}'] [data-state=done]")
         shot("runs")

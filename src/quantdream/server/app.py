@@ -238,6 +238,7 @@ def create_app(cfg: ServeConfig, start_queue: bool = True) -> FastAPI:
             out["downloads"] += [str(p.relative_to(d / "out")) for p in sorted((d / "out" / "unet").rglob("*"))
                                  if p.is_file()]
         out["log_tail"] = last_lines(d / "log.txt")
+        out["evaluable"] = (d / "photos" / "subject.json").is_file()
         if rec.get("evaluation"):
             ev = rec["evaluation"]
             out["evaluation"] = {**{k: v for k, v in ev.items() if k != "pid"},
@@ -319,6 +320,9 @@ def create_app(cfg: ServeConfig, start_queue: bool = True) -> FastAPI:
         rec = store.get(run_id)
         if rec["state"] != "done":
             raise RequestError("evaluate needs a finished run", 409)
+        if not (store.run_dir(run_id) / "photos" / "subject.json").is_file():
+            raise RequestError("evaluate needs the subject's description (subject.json): runs on an example subject "
+                               "have one, uploaded photos do not", 409)
         return JSONResponse(queue.submit_evaluation(rec), status_code=201)
 
     @app.get("/api/runs/{run_id}/files/{path:path}")
