@@ -274,6 +274,7 @@ def test_loopback_host_and_write_header(serve):
     c = serve()
     assert c.get("/api/runs", headers={"Host": "evil.example:7860"}).status_code == 403   # DNS rebinding
     assert c.get("/api/runs", headers={"Host": "localhost:7860"}).status_code == 200
+    assert c.get("/api/runs", headers={"Host": "[::1]:7860"}).status_code == 200
     r = c.post("/api/runs", data={"subject": "teal_bag"})                                   # no X-Quantdream header
     assert r.status_code == 403 and run_dirs(c) == []
 
@@ -290,16 +291,20 @@ def test_cli_refuses_public_bind_without_token(capsys, tmp_path):
 @pytest.mark.slow
 def test_first_page_within_5_seconds(tmp_path):
     """`quantdream serve` answers its first page within 5 s of start (the issue's bar), torch not imported."""
+    import socket
     import subprocess
     import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "quantdream.cli.main", "serve", "--port", "7893", "--data",
+    proc = subprocess.Popen([sys.executable, "-m", "quantdream.cli.main", "serve", "--port", str(port), "--data",
                              str(tmp_path / "d")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         while True:
             try:
-                with urllib.request.urlopen("http://127.0.0.1:7893/", timeout=1) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as r:
                     assert r.status == 200 and b"Runs" in r.read()
                 break
             except OSError:

@@ -25,6 +25,8 @@ import contextlib
 import hmac
 import json
 import re
+import shutil
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -37,7 +39,7 @@ from .store import TOKEN_METHODS, RequestError, ServeConfig, Store, inside, read
 
 STATIC = Path(__file__).parent / "static"
 WEIGHTS = ("auto", "int8", "int4", "none", "nf4")
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 COOKIE = "quantdream_token"
 WORD = re.compile(r"^[A-Za-z][A-Za-z'-]{0,29}$")
 TOKEN = re.compile(r"^[<A-Za-z0-9][\w<>.-]{0,39}$")
@@ -96,8 +98,7 @@ def create_app(cfg: ServeConfig, start_queue: bool = True) -> FastAPI:
     # ------------------------------------------------------------------ safety on every request
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        host = (request.headers.get("host") or "").rsplit(":", 1)[0] if "]" not in (request.headers.get("host") or "") \
-            else request.headers.get("host", "").split("]")[0] + "]"
+        host = request.url.hostname or ""
         if cfg.token:
             given = request.query_params.get("token") or request.cookies.get(COOKIE) or ""
             auth = request.headers.get("authorization", "")
@@ -217,10 +218,9 @@ def create_app(cfg: ServeConfig, start_queue: bool = True) -> FastAPI:
         try:
             photos = store.save_uploads(run_id, files) if subject == "upload" else store.copy_example(run_id, subject)
         except RequestError:
-            import shutil
             shutil.rmtree(store.run_dir(run_id), ignore_errors=True)
             raise
-        rec = {"id": run_id, "name": name, "created": __import__("time").time(), "params": params,
+        rec = {"id": run_id, "name": name, "created": time.time(), "params": params,
                "model_path": model["path"], "photos": photos, "state": "queued", "error": None}
         queue.submit(rec)
         return JSONResponse(view(rec), status_code=201)
