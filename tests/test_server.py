@@ -290,7 +290,7 @@ def test_cli_refuses_public_bind_without_token(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_first_page_within_5_seconds(tmp_path):
-    """`quantdream serve` answers its first page within 5 s of start (the issue's bar), torch not imported."""
+    """`quantdream serve` answers its first page within 5 s of start (the server imports no torch)."""
     import socket
     import subprocess
     import urllib.request
@@ -333,3 +333,14 @@ def test_parse_log_reads_personalize_progress():
     p = parse_log(log)
     assert (p["step"], p["steps"]) == (40, 60) and p["steps_per_second"] == pytest.approx(0.4)
     assert p["curve"] == [(20, 0.0057), (40, 0.0041)] and p["error"] == "something clear"
+
+
+def test_server_imports_no_torch():
+    """The server process stays light (the 5-second start): torch and diffusers load only in the jobs."""
+    import subprocess
+    code = ("import sys; from quantdream.cli.main import build_parser; build_parser(); "
+            "from quantdream.server.app import create_app; import uvicorn; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
