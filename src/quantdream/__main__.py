@@ -1,0 +1,5 @@
+"""``python -m quantdream``: the same CLI as the ``quantdream`` command."""
+from .cli.main import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
