@@ -2,7 +2,7 @@
 architecture at 512 px and on the embedded model, all random weights, into one JSON.
 
     scripts/gpu_check.sh --out results/            # = python -m quantdream.bench.gpu_check --out results/
-    scripts/gpu_check.sh --device cpu --dry-run --out /tmp/check    # the same plan, 1 step, tiny models
+    scripts/gpu_check.sh --device cpu --dry-run --out out/gpu-check    # the same plan, 1 step, tiny models
 
 Each (model, method) of the plan is one ``bench memory`` configuration (:mod:`quantdream.bench.memory`:
 the model prepared as the method runs it, int8/int4 runs loading a quantized folder as ``personalize

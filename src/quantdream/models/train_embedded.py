@@ -34,7 +34,7 @@ from ..checkpoint import atomic_json, graceful_interrupt, load_checkpoint, save_
 from ..world.captions import caption
 from ..world.fmnist import load_fmnist
 from ..world.render import render_batch, sample_scene
-from .embedded import MAX_LENGTH, PACKAGE_MODEL_DIR, TOKENIZER_DIR, build_components
+from .embedded import MAX_LENGTH, PACKAGE_MODEL_DIR, TOKENIZER_DIR, build_components, vae_loss
 
 
 class WorldBatches:
@@ -89,19 +89,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> flo
 
 
 # ----------------------------------------------------------------------------- autoencoder
-def vae_loss(vae, x, m, kl_weight: float):
-    post = vae.encode(x).latent_dist
-    rec = vae.decode(post.sample()).sample.float()
-    w = 1.0 + 4.0 * m  # the renderer knows the object: weight its pixels 5x
-    l1 = ((rec - x).abs() * w).mean()
-    # edge term against blur: match horizontal and vertical differences
-    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]
-    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]
-    edge = ((dx(rec) - dx(x)).abs() * w[..., :, 1:]).mean() + ((dy(rec) - dy(x)).abs() * w[..., 1:, :]).mean()
-    kl = post.kl().mean() / x[0].numel()
-    return l1 + 0.5 * edge + kl_weight * kl, rec
-
-
 def train_vae(a) -> None:
     torch.manual_seed(a.seed)
     run = Path(a.run)

@@ -216,7 +216,7 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
     import torch
     from diffusers import AutoencoderKL
     from .embedded import PACKAGE_MODEL_DIR, VAE_CONFIG
-    from .train_embedded import vae_loss
+    from .embedded import vae_loss
     if cfg.vae_init == "v1" and (PACKAGE_MODEL_DIR / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(str(PACKAGE_MODEL_DIR / "vae"), torch_dtype=torch.float32)
     else:
