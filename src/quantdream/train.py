@@ -358,7 +358,7 @@ def plot_losses(path: Path, losses: list[float], title: str) -> None:
         ma = torch.nn.functional.avg_pool1d(t[None, None], w, stride=1)[0, 0].tolist()
         ax.plot(range(w, len(losses) + 1), ma, lw=1.5, label=f"mean of {w}")
     ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
+    ax.set_ylabel("denoising MSE")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
