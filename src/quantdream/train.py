@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 
 from . import memory as memory_mod
-from .checkpoint import atomic_json, atomic_write, graceful_interrupt, load_checkpoint, save_checkpoint
+from .checkpoint import (atomic_json, atomic_write, check_writable, graceful_interrupt, load_checkpoint,
+                         save_checkpoint)
 from .data.dataset import SubjectImages, list_images, load_caption_file
 from .methods import METHODS, method_class, section_name
 from .methods.base import (DenoisingObjective, Placeholder, RunResult, Streams, add_placeholder,
@@ -316,25 +317,43 @@ class MemoryProbe:
 @torch.no_grad()
 def sample_grid(objective: DenoisingObjective, vae, scheduler_config, theta: torch.Tensor, placeholder: Placeholder,
                 prompts: list[str], per_prompt: int, steps: int, guidance: float, seed: int,
-                latent_shape: tuple[int, int, int], scaling: float) -> torch.Tensor:
-    """DDIM samples with classifier-free guidance, (rows*H, cols*W, 3) uint8; the same seed every time."""
+                latent_shape: tuple[int, int, int], scaling: float, one_at_a_time: bool = False) -> torch.Tensor:
+    """DDIM samples with classifier-free guidance, (rows*H, cols*W, 3) uint8; the same seed every time.
+    The frozen (quantized) training UNet draws them. ``one_at_a_time``: each image is denoised and decoded
+    on its own (its conditional and unconditional rows together, or one row per UNet call when the
+    objective caps it, as the low-memory mode does), so a grid on a large model costs no more activation
+    memory than a training step; the same noise and the same images up to float rounding."""
     from diffusers import DDIMScheduler
-    sch = DDIMScheduler.from_config(scheduler_config)
-    sch.set_timesteps(steps)
     captions = [p.format(placeholder.text) for p in prompts for _ in range(per_prompt)]
     N = len(captions)
     gen = preview_generator(seed)
     z = torch.randn((N, *latent_shape), generator=gen).to(objective.device, objective.dtype)
     cond = objective.encode_text(theta.detach()[None], captions)                  # (N, L, d)
     uncond = objective.encode_text(theta.detach()[None], [""] * N)
-    for t in sch.timesteps:
-        eps = objective.unet(torch.cat([z, z]), t.to(objective.device), torch.cat([cond, uncond])).sample
-        e_c, e_u = eps.chunk(2)
-        z = sch.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
-    x = vae.decode((z / scaling).to(next(vae.parameters()).dtype)).sample.float().clamp(-1, 1).cpu()
+    groups = [slice(i, i + 1) for i in range(N)] if one_at_a_time else [slice(0, N)]
+    rows = objective.unet_batch if objective.unet_batch > 0 else 2 * N
+    x = torch.cat([_denoise_decode(objective.unet, vae, scheduler_config, z[g], cond[g], uncond[g], steps,
+                                   guidance, scaling, rows) for g in groups])
     x = ((x + 1) * 127.5).round().to(torch.uint8)                                    # (N, 3, H, W)
     rows = x.view(len(prompts), per_prompt, *x.shape[1:])
     return torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1).permute(1, 2, 0)
+
+
+def _denoise_decode(unet, vae, scheduler_config, z, cond, uncond, steps: int, guidance: float, scaling: float,
+                    rows: int) -> torch.Tensor:
+    """DDIM with classifier-free guidance from latents z (n, ...), then decode: (n, 3, H, W) in [-1, 1] on
+    the CPU. At most ``rows`` UNet rows per call."""
+    from diffusers import DDIMScheduler
+    sch = DDIMScheduler.from_config(scheduler_config)
+    sch.set_timesteps(steps)
+    cc = torch.cat([cond, uncond])
+    for t in sch.timesteps:
+        zz = torch.cat([z, z])
+        eps = torch.cat([unet(zz[i:i + rows], t.to(z.device), cc[i:i + rows]).sample
+                         for i in range(0, zz.shape[0], rows)])
+        e_c, e_u = eps.chunk(2)
+        z = sch.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
+    return vae.decode((z / scaling).to(next(vae.parameters()).dtype)).sample.float().clamp(-1, 1).cpu()
 
 
 def save_png(path: Path, img: torch.Tensor, upscale: int = 1) -> None:
@@ -416,6 +435,7 @@ def _prepare_out(cfg: RunConfig) -> dict | None:
     if out.is_dir() and any(out.iterdir()):
         hint = " or pass --resume to continue it" if ckpt is not None else ""
         raise ValueError(f"output folder {cfg.out!r} already exists and is not empty; choose a new --out{hint}")
+    check_writable(out, "--out")
     return None
 
 
@@ -431,9 +451,17 @@ def _check_resume(ckpt: dict, resolved: dict, method: str) -> None:
     keys = list(TRAJECTORY_KEYS) + [sec, "acts"]
     diff = [k for k in keys if old.get(k) != resolved.get(k)]
     if diff:
-        changes = ", ".join(f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
+        changes = ", ".join(_changes(k, old.get(k), resolved.get(k)) for k in diff)
         raise ValueError(f"--resume: the checkpoint in {resolved['out']!r} was written with different settings "
                          f"({changes}); use the same settings or a new --out")
+
+
+def _changes(key: str, old: Any, new: Any) -> str:
+    """'zoodip.lr: 0.01 -> 0.001' for each changed entry of a table; 'seed: 0 -> 1' for a plain setting."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return ", ".join(f"{key}.{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+                         for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k))
+    return f"{key}: {old!r} -> {new!r}"
 
 
 def personalize(cfg: RunConfig, progress: bool = False,
@@ -443,6 +471,10 @@ def personalize(cfg: RunConfig, progress: bool = False,
     section, weights = _validate(cfg)
     images_dir = Path(cfg.images)
     paths = list_images(images_dir)
+    if len(paths) == 1:
+        logger.warning("warning: only one photo in %s; personalization wants 3-6 photos of the subject (from "
+                       "different angles or scenes), with one the token also learns that photo's background "
+                       "and pose", images_dir)
     captions = None
     if cfg.captions not in ("auto", "templates"):
         captions = Path(cfg.captions)
@@ -496,6 +528,9 @@ def personalize(cfg: RunConfig, progress: bool = False,
         return d
 
     data = make_data(images_dir)
+    if embedded:
+        from .data.world_check import warn_if_not_world
+        warn_if_not_world(data.pixels, str(images_dir))
     # ---- inputs validated: build the frozen model
     if mcls.kind == "token":
         placeholder = add_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
@@ -505,7 +540,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
     vae.requires_grad_(False).eval()
     scaling = float(vae.config.scaling_factor)
     if quantized_folder:  # the photos are encoded before the UNet is loaded: their activations never meet it
-        data.encode(vae, scaling, device=device, dtype=dtype)
+        data.encode(vae, scaling, device=device, dtype=dtype, progress=progress)
         if cfg.low_memory:   # nor the autoencoder (no method that takes a quantized folder uses it in setup)
             memory_mod.drop_vae_parts(vae, decoder=not cfg.sample_images)
         unet = comps["load_unet"]()
@@ -523,7 +558,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
         calibrate_activations(unet, calib, bits=cfg.acts)
         del calib
     if not quantized_folder:
-        data.encode(vae, scaling, device=device, dtype=dtype)
+        data.encode(vae, scaling, device=device, dtype=dtype, progress=progress)
     objective = DenoisingObjective(tokenizer, te, unet, scheduler, placeholder, device=device, dtype=dtype)
     if cfg.low_memory:
         memory_mod.low_memory_objective(objective)
@@ -565,7 +600,8 @@ def personalize(cfg: RunConfig, progress: bool = False,
         if not cfg.sample_images:
             return
         img = sample_grid(objective, vae, scheduler.config, method.theta, placeholder, cfg.sample_prompts,
-                          cfg.sample_images, cfg.sample_steps, guidance, cfg.seed, latent_shape, scaling)
+                          cfg.sample_images, cfg.sample_steps, guidance, cfg.seed, latent_shape, scaling,
+                          one_at_a_time=not embedded)
         save_png(out / "samples" / f"step_{at:06d}.png", img, upscale=max(1, 256 // resolution))
 
     def save_state() -> None:

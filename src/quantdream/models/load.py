@@ -148,4 +148,10 @@ def pick_device(device: str = "auto") -> str:
         raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda:"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not device[5:].isdigit() or int(device[5:]) >= n:
+            raise ValueError(f"--device {device}: torch sees {n} CUDA device(s)"
+                             f"{f' (cuda:0 to cuda:{n - 1})' if n else ''}; use --device auto, cpu"
+                             f"{' or cuda' if n else ''}")
     return device
