@@ -459,7 +459,9 @@ def _check_resume(ckpt: dict, resolved: dict, method: str) -> None:
 def _changes(key: str, old: Any, new: Any) -> str:
     """'zoodip.lr: 0.01 -> 0.001' for each changed entry of a table; 'seed: 0 -> 1' for a plain setting."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return ", ".join(f"{key}.{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+        def show(d: dict, k: str) -> str:
+            return repr(d[k]) if k in d else "unset"
+        return ", ".join(f"{key}.{k}: {show(old, k)} -> {show(new, k)}"
                          for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k))
     return f"{key}: {old!r} -> {new!r}"
 
@@ -491,6 +493,9 @@ def personalize(cfg: RunConfig, progress: bool = False,
     device = torch.device(pick_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     model_path, embedded = check_model(cfg.model)
+    if embedded:
+        from .data.world_check import warn_if_not_world
+        warn_if_not_world(paths, str(images_dir))
     from .models.load import is_quantized_folder
     quantized_folder = is_quantized_folder(model_path)
     defaults = (EMBEDDED_DEFAULTS if embedded else SD_DEFAULTS)[cfg.method]
@@ -528,9 +533,6 @@ def personalize(cfg: RunConfig, progress: bool = False,
         return d
 
     data = make_data(images_dir)
-    if embedded:
-        from .data.world_check import warn_if_not_world
-        warn_if_not_world(data.pixels, str(images_dir))
     # ---- inputs validated: build the frozen model
     if mcls.kind == "token":
         placeholder = add_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)

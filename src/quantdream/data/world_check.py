@@ -16,6 +16,7 @@ almost anything, and "large" for any photo filling the frame.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -25,10 +26,14 @@ HEADS = ("n_objects", "bg_pattern", "bg_colour", "position")
 THRESHOLD = 0.915
 
 
-def world_score(pixels: torch.Tensor, evaluator=None) -> float | None:
-    """Score of photos (N, 3, H, W) in [-1, 1]; None when no world reader is packaged."""
+def world_score(photos: list[Path] | torch.Tensor, evaluator=None) -> float | None:
+    """Score of photo files, or of images (N, 3, H, W) in [-1, 1]; None when no world reader is packaged.
+    Files are read as training reads them (dataset.load_images) at the world's 64 px."""
     from ..eval.evaluator import Evaluator
     from ..eval.io import ASSET_DIR
+    from ..world.render import RES
+    from .dataset import load_images
+    pixels = photos if isinstance(photos, torch.Tensor) else load_images(list(photos), RES)
     if evaluator is None:
         if not (ASSET_DIR / "reader.safetensors").is_file():
             return None
@@ -38,9 +43,9 @@ def world_score(pixels: torch.Tensor, evaluator=None) -> float | None:
     return float(top.mean())
 
 
-def warn_if_not_world(pixels: torch.Tensor, folder: str, evaluator=None) -> bool:
+def warn_if_not_world(photos: list[Path] | torch.Tensor, folder: str, evaluator=None) -> bool:
     """Log a warning (and return True) when the photos do not look like the embedded model's world."""
-    score = world_score(pixels, evaluator)
+    score = world_score(photos, evaluator)
     if score is None or score >= THRESHOLD:
         return False
     logger.warning("warning: the photos in %s do not look like the embedded model's world (world-reader "

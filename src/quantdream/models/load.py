@@ -54,8 +54,9 @@ def resolve_model(model: str | Path) -> Path:
         raise FileNotFoundError(f"model path {str(p)!r} does not exist (give `tiny` or a local Stable Diffusion "
                                 "diffusers folder or .safetensors file; nothing is downloaded)")
     if is_quantized_folder(p):
-        from ..quant.io import read_index
+        from ..quant.io import check_architecture, read_index
         read_index(p)                                   # format / version checks, clear errors
+        check_architecture(p, PACKAGE_MODEL_DIR)        # one model, the one it says it was made from
         return p
     if p.is_dir() and not (p / "model_index.json").is_file():
         found = sorted(x.name for x in p.iterdir())[:10]
