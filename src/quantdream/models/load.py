@@ -152,7 +152,7 @@ def pick_device(device: str = "auto") -> str:
     if device.startswith("cuda:"):
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not device[5:].isdigit() or int(device[5:]) >= n:
-            raise ValueError(f"--device {device}: torch sees {n} CUDA device(s)"
-                             f"{f' (cuda:0 to cuda:{n - 1})' if n else ''}; use --device auto, cpu"
-                             f"{' or cuda' if n else ''}")
+            have = ", ".join(f"cuda:{i}" for i in range(n))
+            raise ValueError(f"--device {device}: torch sees {n} CUDA device(s){f' ({have})' if n else ''}; "
+                             f"use --device auto, cpu{' or one of those' if n else ''}")
     return device
