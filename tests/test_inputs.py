@@ -234,15 +234,17 @@ def test_generate_a_damaged_embedding_is_refused(tmp_path, capsys, no_model_load
     assert not (tmp_path / "g").exists()
 
 
-@pytest.mark.parametrize("tensors,match", [
-    ({"<x>": torch.zeros(1, 1024)}, r"is 1024 wide \(SD-2.x\) but this model's text encoder is 768 wide \(SD-1.x\)"),
-    ({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)},
+@pytest.mark.parametrize("flag,tensors,match", [
+    ("--embedding", {"<x>": torch.zeros(1, 1024)},
+     r"--embedding .* is 1024 wide \(SD-2.x\) but this model's text encoder is 768 wide \(SD-1.x\)"),
+    ("--adapter", {"<x>": torch.zeros(1, 1024)}, r"--adapter .* is 1024 wide \(SD-2.x\)"),
+    ("--embedding", {"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)},
      r"is an SDXL embedding \(clip_l 768 \+ clip_g 1280 wide.*one 768-wide text encoder"),
 ])
-def test_generate_an_embedding_of_another_width_is_refused(tiny_model, tmp_path, capsys, tensors, match):
-    f = tmp_path / "emb.safetensors"
+def test_generate_an_embedding_of_another_width_is_refused(tiny_model, tmp_path, capsys, flag, tensors, match):
+    f = tmp_path / "learned_embeds.safetensors"
     save_file(tensors, str(f))
-    assert generate("a {}", "--model", tiny_model, "--embedding", f, "--out", tmp_path / "g") == 2
+    assert generate("a {}", "--model", tiny_model, flag, f, "--out", tmp_path / "g") == 2
     one_line_error(capsys, "generate", match)
     assert not (tmp_path / "g").exists()
 
