@@ -304,3 +304,20 @@ def test_demo_with_an_unknown_subject_lists_the_known_ones(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown SUBJECT 'purple_hat'" in r.stderr
     assert "teal_bag" in r.stderr and "salmon_sneaker" in r.stderr
+
+
+# ----------------------------------------------------------------------------- sample grids on large models
+def test_a_grid_drawn_one_image_at_a_time_is_the_batched_grid(frozen_tiny):
+    """Large models draw grids one image at a time (memory); the same noise gives the same images."""
+    from quantdream.methods.base import DenoisingObjective, add_placeholder
+    from quantdream.train import sample_grid
+    c = frozen_tiny
+    ph = add_placeholder(c["tokenizer"], c["text_encoder"], "<grid-bag>", "bag")
+    obj = DenoisingObjective(c["tokenizer"], c["text_encoder"], c["unet"], c["scheduler"], ph)
+    kw = dict(prompts=["a photo of a {}", "a {} on a green background"], per_prompt=2, steps=3, guidance=4.0,
+              seed=0, latent_shape=(c["unet"].config.in_channels, 16, 16),
+              scaling=float(c["vae"].config.scaling_factor))
+    batched = sample_grid(obj, c["vae"], c["scheduler"].config, ph.init_vectors, ph, **kw)
+    single = sample_grid(obj, c["vae"], c["scheduler"].config, ph.init_vectors, ph, one_at_a_time=True, **kw)
+    assert batched.shape == single.shape and batched.dtype == torch.uint8
+    assert (batched.int() - single.int()).abs().max().item() <= 1
