@@ -323,7 +323,6 @@ def sample_grid(objective: DenoisingObjective, vae, scheduler_config, theta: tor
     on its own (its conditional and unconditional rows together, or one row per UNet call when the
     objective caps it, as the low-memory mode does), so a grid on a large model costs no more activation
     memory than a training step; the same noise and the same images up to float rounding."""
-    from diffusers import DDIMScheduler
     captions = [p.format(placeholder.text) for p in prompts for _ in range(per_prompt)]
     N = len(captions)
     gen = preview_generator(seed)
@@ -331,9 +330,9 @@ def sample_grid(objective: DenoisingObjective, vae, scheduler_config, theta: tor
     cond = objective.encode_text(theta.detach()[None], captions)                  # (N, L, d)
     uncond = objective.encode_text(theta.detach()[None], [""] * N)
     groups = [slice(i, i + 1) for i in range(N)] if one_at_a_time else [slice(0, N)]
-    rows = objective.unet_batch if objective.unet_batch > 0 else 2 * N
+    per_call = objective.unet_batch if objective.unet_batch > 0 else 2 * N
     x = torch.cat([_denoise_decode(objective.unet, vae, scheduler_config, z[g], cond[g], uncond[g], steps,
-                                   guidance, scaling, rows) for g in groups])
+                                   guidance, scaling, per_call) for g in groups])
     x = ((x + 1) * 127.5).round().to(torch.uint8)                                    # (N, 3, H, W)
     rows = x.view(len(prompts), per_prompt, *x.shape[1:])
     return torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1).permute(1, 2, 0)
