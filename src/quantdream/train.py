@@ -321,8 +321,9 @@ def sample_grid(objective: DenoisingObjective, vae, scheduler_config, theta: tor
     """DDIM samples with classifier-free guidance, (rows*H, cols*W, 3) uint8; the same seed every time.
     The frozen (quantized) training UNet draws them. ``one_at_a_time``: each image is denoised and decoded
     on its own (its conditional and unconditional rows together, or one row per UNet call when the
-    objective caps it, as the low-memory mode does), so a grid on a large model costs no more activation
-    memory than a training step; the same noise and the same images up to float rounding."""
+    objective caps it, as the low-memory mode does), and decoded in tiles of ``GRID_DECODE_TILE`` pixels
+    (diffusers' tiled VAE decoding), so a grid on a large model adds little to a training step's memory;
+    the same noise, and the same images up to float rounding and the tiles' blended seams."""
     captions = [p.format(placeholder.text) for p in prompts for _ in range(per_prompt)]
     N = len(captions)
     gen = preview_generator(seed)
@@ -331,17 +332,18 @@ def sample_grid(objective: DenoisingObjective, vae, scheduler_config, theta: tor
     uncond = objective.encode_text(theta.detach()[None], [""] * N)
     groups = [slice(i, i + 1) for i in range(N)] if one_at_a_time else [slice(0, N)]
     per_call = objective.unet_batch if objective.unet_batch > 0 else 2 * N
+    tile = GRID_DECODE_TILE if one_at_a_time else 0
     x = torch.cat([_denoise_decode(objective.unet, vae, scheduler_config, z[g], cond[g], uncond[g], steps,
-                                   guidance, scaling, per_call) for g in groups])
+                                   guidance, scaling, per_call, tile) for g in groups])
     x = ((x + 1) * 127.5).round().to(torch.uint8)                                    # (N, 3, H, W)
     rows = x.view(len(prompts), per_prompt, *x.shape[1:])
     return torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1).permute(1, 2, 0)
 
 
 def _denoise_decode(unet, vae, scheduler_config, z, cond, uncond, steps: int, guidance: float, scaling: float,
-                    rows: int) -> torch.Tensor:
+                    rows: int, tile: int = 0) -> torch.Tensor:
     """DDIM with classifier-free guidance from latents z (n, ...), then decode: (n, 3, H, W) in [-1, 1] on
-    the CPU. At most ``rows`` UNet rows per call."""
+    the CPU. At most ``rows`` UNet rows per call; ``tile`` > 0: decode in tiles of that many pixels."""
     from diffusers import DDIMScheduler
     sch = DDIMScheduler.from_config(scheduler_config)
     sch.set_timesteps(steps)
@@ -352,7 +354,25 @@ def _denoise_decode(unet, vae, scheduler_config, z, cond, uncond, steps: int, gu
                          for i in range(0, zz.shape[0], rows)])
         e_c, e_u = eps.chunk(2)
         z = sch.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
-    return vae.decode((z / scaling).to(next(vae.parameters()).dtype)).sample.float().clamp(-1, 1).cpu()
+    return _decode(vae, (z / scaling).to(next(vae.parameters()).dtype), tile).float().clamp(-1, 1).cpu()
+
+
+# SD-1.5 autoencoder, one 512 px image, int8, 1 thread: decoding raises the process peak by 1088 MiB whole and by
+# 461 MiB in 256 px tiles (benchmarks/sample_grid_memory.py); 128 px tiles: see docs/troubleshooting.md
+GRID_DECODE_TILE = 128
+
+
+def _decode(vae, z: torch.Tensor, tile: int = 0) -> torch.Tensor:
+    """vae.decode, or diffusers' tiled decoding with ``tile``-pixel tiles when the image is larger."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if not tile or z.shape[-1] * factor <= tile or not hasattr(vae, "tile_sample_min_size"):
+        return vae.decode(z).sample
+    saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // factor
+    try:
+        return vae.tiled_decode(z).sample
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
 
 def save_png(path: Path, img: torch.Tensor, upscale: int = 1) -> None:
