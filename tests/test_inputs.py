@@ -321,3 +321,19 @@ def test_a_grid_drawn_one_image_at_a_time_is_the_batched_grid(frozen_tiny):
     single = sample_grid(obj, c["vae"], c["scheduler"].config, ph.init_vectors, ph, one_at_a_time=True, **kw)
     assert batched.shape == single.shape and batched.dtype == torch.uint8
     assert (batched.int() - single.int()).abs().max().item() <= 1
+
+
+def test_grid_decoding_in_tiles_restores_the_autoencoder(frozen_tiny, monkeypatch):
+    from quantdream.train import _decode
+    vae = frozen_tiny["vae"]
+    before = vae.tile_sample_min_size, vae.tile_latent_min_size
+    calls = []
+    real = vae.tiled_decode
+    monkeypatch.setattr(vae, "tiled_decode", lambda z, **k: calls.append(z.shape) or real(z, **k))
+    z = torch.randn(1, vae.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain, tiled = _decode(vae, z), _decode(vae, z, tile=32)
+    assert calls and tiled.shape == plain.shape and torch.isfinite(tiled).all()
+    assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == before
+    with torch.no_grad():
+        assert torch.equal(_decode(vae, z, tile=64), plain)        # the image fits one tile: plain decoding
