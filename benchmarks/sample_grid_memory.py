@@ -3,12 +3,15 @@ weights, int8 UNet, VAE and text encoder: ZOODiP's setting), one process per mod
 
     python benchmarks/sample_grid_memory.py --resolution 256 --sample-steps 2 --mode batched
     python benchmarks/sample_grid_memory.py --resolution 256 --sample-steps 2 --mode one-at-a-time
+    python benchmarks/sample_grid_memory.py --resolution 512 --mode decode --tile 0     # (or --tile 128)
 
 Each run: build the model layer by layer (bench.memory.build_components), one warm-up and two ZOODiP
 steps (peak A: the training peak, VmHWM after reset_peak), then the default grid (3 prompts x 2 images,
 classifier-free guidance) the chosen way (peak B). ``batched``: all 12 UNet rows in one call and one
 decode of 6 images (the grid before it drew on large models one image at a time); ``one-at-a-time``:
-what personalize does on a Stable Diffusion model now. Prints one JSON line.
+what personalize does on a Stable Diffusion model now (decoding in train.GRID_DECODE_TILE px tiles).
+``decode``: only the int8 autoencoder, one decode of one image (whole, or in ``--tile`` px tiles), its
+peak over the process's resident memory before it. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--sample-steps", type=int, default=2)
-    ap.add_argument("--mode", choices=["batched", "one-at-a-time"], required=True)
+    ap.add_argument("--mode", choices=["batched", "one-at-a-time", "decode"], required=True)
+    ap.add_argument("--tile", type=int, default=0, help="decode mode: tile side in pixels (0: whole image)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     import torch
@@ -32,7 +36,25 @@ def main() -> None:
     from quantdream import memory
     from quantdream.bench.memory import BenchSpec, _implemented, _random_images, build_components
     from quantdream.data.dataset import SubjectImages
-    from quantdream.train import RunConfig, sample_grid
+    from quantdream.train import RunConfig, _decode, sample_grid
+    if a.mode == "decode":
+        from quantdream.models.arch import build
+        from quantdream.quant import quantize_model
+        vae = build("sd15", "vae")
+        quantize_model(vae, weights="int8")
+        vae.requires_grad_(False).eval()
+        z = torch.randn(1, vae.config.latent_channels, a.resolution // 8, a.resolution // 8)
+        memory.reset_peak()
+        before = memory.proc_status()["vmrss_mib"]
+        t = time.perf_counter()
+        with torch.no_grad():
+            _decode(vae, z, a.tile)
+        peak = memory.peak()["vmhwm_mib"]
+        print(json.dumps({"arch": "sd15", "resolution": a.resolution, "mode": "decode", "tile": a.tile,
+                          "weights": "int8", "rss_before_mib": round(before), "decode_peak_mib": round(peak),
+                          "decode_adds_mib": round(peak - before), "seconds": round(time.perf_counter() - t, 1),
+                          "threads": a.threads, "torch": torch.__version__}))
+        return
     spec = BenchSpec(arch="sd15", method="zoodip", resolution=a.resolution, steps=2, images=2, threads=a.threads)
     bm = _implemented("zoodip")
     with tempfile.TemporaryDirectory() as tmp:
