@@ -357,8 +357,8 @@ def _denoise_decode(unet, vae, scheduler_config, z, cond, uncond, steps: int, gu
     return _decode(vae, (z / scaling).to(next(vae.parameters()).dtype), tile).float().clamp(-1, 1).cpu()
 
 
-# SD-1.5 autoencoder, one 512 px image, int8, 1 thread: decoding raises the process peak by 1088 MiB whole and by
-# 461 MiB in 256 px tiles (benchmarks/sample_grid_memory.py); 128 px tiles: see docs/troubleshooting.md
+# SD-1.5 autoencoder, one 512 px image, int8, 1 thread: decoding raises the process peak by 1061 MiB whole and by
+# 297 MiB in 128 px tiles (benchmarks/sample_grid_memory.py --mode decode; docs/troubleshooting.md)
 GRID_DECODE_TILE = 128
 
 
