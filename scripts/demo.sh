@@ -3,9 +3,13 @@
 # forward passes only), then render it in new scenes. Result: out/demo/result.png
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SUBJECT=${SUBJECT:-teal_bag}
+if [ ! -f "examples/subjects/$SUBJECT/subject.json" ]; then
+  echo "demo.sh: error: unknown SUBJECT '$SUBJECT'; known subjects: $(ls examples/subjects | tr '\n' ' ')" >&2
+  exit 2
+fi
 ./scripts/setup_env.sh
 . .venv/bin/activate
-SUBJECT=${SUBJECT:-teal_bag}
 CLASS=$(python -c "import json;print(json.load(open('examples/subjects/$SUBJECT/subject.json'))['class_word'])")
 RUN=out/demo/$SUBJECT
 [ -f "$RUN/run.json" ] && rm -rf "$RUN" "$RUN-samples"     # a finished demo is done again from scratch

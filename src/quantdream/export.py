@@ -77,3 +77,36 @@ def load_embedding(path: str | Path) -> tuple[str | None, torch.Tensor]:
         return token, _rows(rows)
     raise ValueError(f"{str(path)!r} is not an embedding file quantdream knows: expected one tensor keyed by the "
                      f"token (diffusers), 'string_to_param' (A1111) or 'emb_params' (kohya); found keys {list(state)[:5]}")
+
+
+def check_embedding_fits(path: str | Path, widths: list[int], flag: str = "--embedding") -> None:
+    """Refuse, with both widths named, an embedding made for another text encoder: 768 (SD-1.x),
+    1024 (SD-2.x), or an SDXL clip_l/clip_g pair on a one-encoder model. ``widths``: the model's text
+    encoder widths (one for SD-1.x/2.x). A damaged or foreign file is refused by :func:`load_embedding`.
+    SDXL models (two widths) are left to the loader."""
+    path = Path(path)
+    if len(widths) != 1:
+        return
+    family = {768: "SD-1.x", 1024: "SD-2.x"}
+    need = widths[0]
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:
+            raise ValueError(f"{flag} {str(path)!r} is not a readable safetensors file ({type(e).__name__}: "
+                             f"{e}); point it at the learned_embeds.safetensors a run wrote") from None
+        if "clip_l" in shapes or "clip_g" in shapes:
+            pair = " + ".join(f"{k} {shapes[k][-1]}" for k in ("clip_l", "clip_g") if k in shapes)
+            raise ValueError(f"{flag} {str(path)!r} is an SDXL embedding ({pair} wide, one tensor per text "
+                             f"encoder), but this model has one {need}-wide text encoder "
+                             f"({family.get(need, 'not SDXL')}): use it with an SDXL model")
+    try:
+        _, rows = load_embedding(path)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    if rows.shape[1] != need:
+        raise ValueError(f"{flag} {str(path)!r} is {rows.shape[1]} wide ({family.get(rows.shape[1], 'another model')}) "
+                         f"but this model's text encoder is {need} wide ({family.get(need, 'this model')}): use the "
+                         f"embedding with the model it was learned on")

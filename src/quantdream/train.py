@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 
 from . import memory as memory_mod
-from .checkpoint import atomic_json, atomic_write, graceful_interrupt, load_checkpoint, save_checkpoint
+from .checkpoint import (atomic_json, atomic_write, check_writable, graceful_interrupt, load_checkpoint,
+                         save_checkpoint)
 from .data.dataset import SubjectImages, list_images, load_caption_file
 from .methods import METHODS, method_class, section_name
 from .methods.base import (DenoisingObjective, Placeholder, RunResult, Streams, add_placeholder,
@@ -316,25 +317,62 @@ class MemoryProbe:
 @torch.no_grad()
 def sample_grid(objective: DenoisingObjective, vae, scheduler_config, theta: torch.Tensor, placeholder: Placeholder,
                 prompts: list[str], per_prompt: int, steps: int, guidance: float, seed: int,
-                latent_shape: tuple[int, int, int], scaling: float) -> torch.Tensor:
-    """DDIM samples with classifier-free guidance, (rows*H, cols*W, 3) uint8; the same seed every time."""
-    from diffusers import DDIMScheduler
-    sch = DDIMScheduler.from_config(scheduler_config)
-    sch.set_timesteps(steps)
+                latent_shape: tuple[int, int, int], scaling: float, one_at_a_time: bool = False) -> torch.Tensor:
+    """DDIM samples with classifier-free guidance, (rows*H, cols*W, 3) uint8; the same seed every time.
+    The frozen (quantized) training UNet draws them. ``one_at_a_time``: each image is denoised and decoded
+    on its own (its conditional and unconditional rows together, or one row per UNet call when the
+    objective caps it, as the low-memory mode does), and decoded in tiles of ``GRID_DECODE_TILE`` pixels
+    (diffusers' tiled VAE decoding), so a grid on a large model adds little to a training step's memory;
+    the same noise, and the same images up to float rounding and the tiles' blended seams."""
     captions = [p.format(placeholder.text) for p in prompts for _ in range(per_prompt)]
     N = len(captions)
     gen = preview_generator(seed)
     z = torch.randn((N, *latent_shape), generator=gen).to(objective.device, objective.dtype)
     cond = objective.encode_text(theta.detach()[None], captions)                  # (N, L, d)
     uncond = objective.encode_text(theta.detach()[None], [""] * N)
-    for t in sch.timesteps:
-        eps = objective.unet(torch.cat([z, z]), t.to(objective.device), torch.cat([cond, uncond])).sample
-        e_c, e_u = eps.chunk(2)
-        z = sch.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
-    x = vae.decode((z / scaling).to(next(vae.parameters()).dtype)).sample.float().clamp(-1, 1).cpu()
+    groups = [slice(i, i + 1) for i in range(N)] if one_at_a_time else [slice(0, N)]
+    per_call = objective.unet_batch if objective.unet_batch > 0 else 2 * N
+    tile = GRID_DECODE_TILE if one_at_a_time else 0
+    x = torch.cat([_denoise_decode(objective.unet, vae, scheduler_config, z[g], cond[g], uncond[g], steps,
+                                   guidance, scaling, per_call, tile) for g in groups])
     x = ((x + 1) * 127.5).round().to(torch.uint8)                                    # (N, 3, H, W)
     rows = x.view(len(prompts), per_prompt, *x.shape[1:])
     return torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1).permute(1, 2, 0)
+
+
+def _denoise_decode(unet, vae, scheduler_config, z, cond, uncond, steps: int, guidance: float, scaling: float,
+                    rows: int, tile: int = 0) -> torch.Tensor:
+    """DDIM with classifier-free guidance from latents z (n, ...), then decode: (n, 3, H, W) in [-1, 1] on
+    the CPU. At most ``rows`` UNet rows per call; ``tile`` > 0: decode in tiles of that many pixels."""
+    from diffusers import DDIMScheduler
+    sch = DDIMScheduler.from_config(scheduler_config)
+    sch.set_timesteps(steps)
+    cc = torch.cat([cond, uncond])
+    for t in sch.timesteps:
+        zz = torch.cat([z, z])
+        eps = torch.cat([unet(zz[i:i + rows], t.to(z.device), cc[i:i + rows]).sample
+                         for i in range(0, zz.shape[0], rows)])
+        e_c, e_u = eps.chunk(2)
+        z = sch.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
+    return _decode(vae, (z / scaling).to(next(vae.parameters()).dtype), tile).float().clamp(-1, 1).cpu()
+
+
+# SD-1.5 autoencoder, one 512 px image, int8, 1 thread: decoding raises the process peak by 1061 MiB whole and by
+# 297 MiB in 128 px tiles (benchmarks/sample_grid_memory.py --mode decode; docs/troubleshooting.md)
+GRID_DECODE_TILE = 128
+
+
+def _decode(vae, z: torch.Tensor, tile: int = 0) -> torch.Tensor:
+    """vae.decode, or diffusers' tiled decoding with ``tile``-pixel tiles when the image is larger."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if not tile or z.shape[-1] * factor <= tile or not hasattr(vae, "tile_sample_min_size"):
+        return vae.decode(z).sample
+    saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // factor
+    try:
+        return vae.tiled_decode(z).sample
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
 
 def save_png(path: Path, img: torch.Tensor, upscale: int = 1) -> None:
@@ -358,7 +396,7 @@ def plot_losses(path: Path, losses: list[float], title: str) -> None:
         ma = torch.nn.functional.avg_pool1d(t[None, None], w, stride=1)[0, 0].tolist()
         ax.plot(range(w, len(losses) + 1), ma, lw=1.5, label=f"mean of {w}")
     ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
+    ax.set_ylabel("denoising MSE")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
@@ -416,6 +454,7 @@ def _prepare_out(cfg: RunConfig) -> dict | None:
     if out.is_dir() and any(out.iterdir()):
         hint = " or pass --resume to continue it" if ckpt is not None else ""
         raise ValueError(f"output folder {cfg.out!r} already exists and is not empty; choose a new --out{hint}")
+    check_writable(out, "--out")
     return None
 
 
@@ -431,9 +470,19 @@ def _check_resume(ckpt: dict, resolved: dict, method: str) -> None:
     keys = list(TRAJECTORY_KEYS) + [sec, "acts"]
     diff = [k for k in keys if old.get(k) != resolved.get(k)]
     if diff:
-        changes = ", ".join(f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
+        changes = ", ".join(_changes(k, old.get(k), resolved.get(k)) for k in diff)
         raise ValueError(f"--resume: the checkpoint in {resolved['out']!r} was written with different settings "
                          f"({changes}); use the same settings or a new --out")
+
+
+def _changes(key: str, old: Any, new: Any) -> str:
+    """'zoodip.lr: 0.01 -> 0.001' for each changed entry of a table; 'seed: 0 -> 1' for a plain setting."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        def show(d: dict, k: str) -> str:
+            return repr(d[k]) if k in d else "unset"
+        return ", ".join(f"{key}.{k}: {show(old, k)} -> {show(new, k)}"
+                         for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k))
+    return f"{key}: {old!r} -> {new!r}"
 
 
 def personalize(cfg: RunConfig, progress: bool = False,
@@ -445,6 +494,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
     :func:`export_outputs`. They share one :class:`Run`, which each fills in."""
     t_setup = time.perf_counter()
     run = validate_inputs(cfg)
+    run.progress = progress
     load_frozen_model(run)
     encode_photos(run)
     build_method(run)
@@ -468,6 +518,7 @@ class Run:
     """One personalization run's state, filled in phase by phase (see :func:`personalize`)."""
 
     cfg: RunConfig
+    progress: bool = False          # progress bars (photo encoding, training)
     # validate_inputs
     section: dict = field(default_factory=dict)
     weights: str = "none"
@@ -529,7 +580,7 @@ class Run:
             return
         img = sample_grid(self.objective, self.vae, self.scheduler.config, self.method.theta, self.placeholder,
                           cfg.sample_prompts, cfg.sample_images, cfg.sample_steps, self.guidance, cfg.seed,
-                          self.latent_shape, self.scaling)
+                          self.latent_shape, self.scaling, one_at_a_time=not self.embedded)
         save_png(self.out / "samples" / f"step_{at:06d}.png", img, upscale=max(1, 256 // self.resolution))
 
     def save_state(self) -> None:
@@ -545,6 +596,10 @@ def validate_inputs(cfg: RunConfig) -> Run:
     run.section, run.weights = _validate(cfg)
     run.images_dir = Path(cfg.images)
     paths = list_images(run.images_dir)
+    if len(paths) == 1:
+        logger.warning("warning: only one photo in %s; personalization wants 3-6 photos of the subject (from "
+                       "different angles or scenes), with one the token also learns that photo's background "
+                       "and pose", run.images_dir)
     if cfg.captions not in ("auto", "templates"):
         run.captions = Path(cfg.captions)
         load_caption_file(run.captions, [p.name for p in paths])
@@ -560,6 +615,9 @@ def validate_inputs(cfg: RunConfig) -> Run:
     run.device = torch.device(pick_device(cfg.device))
     run.dtype = resolve_dtype(cfg.dtype, run.device)
     run.model_path, run.embedded = check_model(cfg.model)
+    if run.embedded:
+        from .data.world_check import warn_if_not_world
+        warn_if_not_world(paths, str(run.images_dir))
     from .models.load import is_quantized_folder
     run.quantized_folder = is_quantized_folder(run.model_path)
     defaults = (EMBEDDED_DEFAULTS if run.embedded else SD_DEFAULTS)[cfg.method]
@@ -609,7 +667,7 @@ def load_frozen_model(run: Run) -> None:
     run.vae.requires_grad_(False).eval()
     run.scaling = float(run.vae.config.scaling_factor)
     if run.quantized_folder:  # the photos are encoded before the UNet is loaded: their activations never meet it
-        run.data.encode(run.vae, run.scaling, device=run.device, dtype=run.dtype)
+        run.data.encode(run.vae, run.scaling, device=run.device, dtype=run.dtype, progress=run.progress)
         if cfg.low_memory:   # nor the autoencoder (no method that takes a quantized folder uses it in setup)
             memory_mod.drop_vae_parts(run.vae, decoder=not cfg.sample_images)
         run.unet = comps["load_unet"]()
@@ -631,7 +689,7 @@ def load_frozen_model(run: Run) -> None:
 def encode_photos(run: Run) -> None:
     """Encode the photos once (a quantized folder's were encoded before its UNet loaded)."""
     if not run.quantized_folder:
-        run.data.encode(run.vae, run.scaling, device=run.device, dtype=run.dtype)
+        run.data.encode(run.vae, run.scaling, device=run.device, dtype=run.dtype, progress=run.progress)
 
 
 def build_method(run: Run) -> None:
@@ -716,6 +774,9 @@ def training_loop(run: Run, progress: bool, callback: Callable[[dict], None] | N
                 callback({"step": step, "steps": steps, "loss": loss, "method": method, "data": data,
                           "placeholder": placeholder})
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < steps:
+                if pending:  # the checkpoint holds every loss so far (a run killed after it resumes with them)
+                    run.losses.extend(torch.stack(pending).float().cpu().tolist())
+                    pending.clear()
                 seconds_now = run.seconds + time.perf_counter() - t0
                 run.seconds, t0 = seconds_now, time.perf_counter()
                 run.save_state()

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -25,8 +28,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed+j (default 0)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25 embedded, 50 SD)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 4.0 embedded, 7.5 SD)")
-    p.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    p.add_argument("--out", default="out/generate", help="output folder (default out/generate)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default auto)")
+    p.add_argument("--out", default="out/generate", help="output folder (default out/generate; files in it are "
+                                                         "replaced)")
     return p
 
 
@@ -43,29 +47,66 @@ def run(args) -> int:
         raise ValueError("give at least one prompt (positional) or --prompts-file")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1 (leave it out for the model's default), got {args.steps}")
     for e in args.embedding:
         if not Path(e).is_file():
             raise FileNotFoundError(f"--embedding {e} does not exist")
     for a in args.adapter:
         if not Path(a).exists():
             raise FileNotFoundError(f"--adapter {a} does not exist")
+    if not (args.embedding or args.adapter) and any("{}" in p for p in prompts):
+        raise ValueError("a prompt has '{}' (where a learned subject goes) but no --embedding or --adapter was "
+                         "given; pass the run's learned_embeds.safetensors or output folder, or remove the '{}'")
+    out = check_out(Path(args.out))
+    device = pick_device(args.device)
     path = resolve_model(args.model)
-    steps, guidance = SAMPLING_DEFAULTS["tiny" if is_tiny(path) else "sd"]
-    pipe = load_pipeline(path, device=pick_device(args.device))
-    tokens = []
+    from ..export import load_embedding
     for e in args.embedding:
-        before = len(pipe.tokenizer)
-        pipe.load_textual_inversion(e)
-        tokens += pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer))))
+        try:
+            load_embedding(e)
+        except ValueError as err:     # damaged or foreign file: refused before the model is loaded
+            if "SDXL" not in str(err):
+                raise ValueError(f"--embedding: {err}") from None
+    steps, guidance = SAMPLING_DEFAULTS["tiny" if is_tiny(path) else "sd"]
+    pipe = load_pipeline(path, device=device)
+    tokens = [added[0] for added in load_embeddings(pipe, args.embedding) if added]
     from ..methods.adapters import apply_adapter
     for a in args.adapter:
         info = apply_adapter(pipe, a)
         tokens += [info["prompt_text"]] if info["prompt_text"] else []
     if tokens:
         prompts = [p.replace("{}", tokens[0]) for p in prompts]
+    for t in tokens:
+        if not any(t in p for p in prompts):
+            logger.warning("warning: no prompt uses %r (loaded from --embedding/--adapter); write it, or {}, "
+                           "where the subject goes", t)
     rows = generate_images(pipe, prompts, args.num_images, args.seed, args.steps or steps, args.guidance or guidance)
-    out = Path(args.out)
     paths = save_images(rows, prompts, out)
     make_grid(rows).save(out / "grid.png")
     print(f"wrote {len(paths)} images and {out / 'grid.png'}")
     return 0
+
+
+def check_out(out: Path) -> Path:
+    """--out must be a folder we can write: checked before anything is rendered."""
+    from ..checkpoint import check_writable
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} is a file; give a folder (images and grid.png go in it)")
+    check_writable(out, "--out")
+    return out
+
+
+def load_embeddings(pipe, files: list[str]) -> list[list[str]]:
+    """Stock ``load_textual_inversion`` for each file, after checking it fits this model's text encoder;
+    returns the tokens each file added."""
+    from ..export import check_embedding_fits
+    widths = [te.get_input_embeddings().weight.shape[1]
+              for te in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if te is not None]
+    added = []
+    for e in files:
+        check_embedding_fits(e, widths)
+        before = len(pipe.tokenizer)
+        pipe.load_textual_inversion(e)
+        added.append(pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer)))))
+    return added

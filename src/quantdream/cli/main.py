@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"quantdream {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:    # a file or folder the checks before the work could not foresee
+        print(f"quantdream {args.command}: error: no permission: {e.filename or e} ({e.strerror}); check the "
+              f"paths given", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -24,6 +24,13 @@ settings: defaults < --config FILE.toml < flags/--set. The resolved settings are
 """
 
 
+# Written out so that --help does not import torch (train.EMBEDDED_DEFAULTS / SD_DEFAULTS, RunConfig; a test
+# checks they agree)
+STEP_DEFAULTS = ("zoodip 1500/30000, zoodip-fast 500/10000, ti 400/5000, gf-ti 675/13000, dreambooth 400, "
+                 "lora 500, qlora 500, peqa 400, tuneqdm(-s1, -s2) 400 (tiny/SD)")
+SAMPLE_EVERY, CHECKPOINT_EVERY = 500, 500
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "personalize", help="personalize a model to your subject from 3-6 photos (ZOODiP and the baselines)",
@@ -45,7 +52,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--weights", choices=["auto", "int8", "int4", "none", "nf4"],
       help="weight quantization of the frozen model (default auto: int8; none for dreambooth/lora; nf4 for qlora)")
     a("--acts", type=int, help="8: Q-Diffusion-style calibrated activations on the quantized UNet (W8A8 / W4A8)")
-    a("--steps", type=int, help="training steps (default: the method's default for the model)")
+    a("--steps", type=int, help=f"training steps, >= 1 (default: the method's for the model: {STEP_DEFAULTS})")
     a("--seed", type=int, help="seed of every random stream (default 0)")
     a("--lr", type=float, help="learning rate of the chosen method")
     a("--config", help="TOML file with settings (flags override it)")
@@ -58,8 +65,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--learnable-property", dest="learnable_property", choices=["object", "style"],
       help="caption templates for an object (default) or a style")
     a("--init-embedding", dest="init_embedding", help="start from a saved embedding file instead of --init-word")
-    a("--sample-every", dest="sample_every", type=int, help="sample grid every N steps (0: final grid only)")
-    a("--checkpoint-every", dest="checkpoint_every", type=int, help="checkpoint + snapshot every N steps")
+    a("--sample-every", dest="sample_every", type=int,
+      help=f"sample grid every N steps (default {SAMPLE_EVERY}; 0: final grid only)")
+    a("--checkpoint-every", dest="checkpoint_every", type=int,
+      help=f"checkpoint + snapshot every N steps (default {CHECKPOINT_EVERY}; 0: only at the end)")
     a("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     a("--low-memory", dest="low_memory", action="store_true", default=None,
       help="lower the resident peak at some speed: freed memory returns to the OS at once, peft and "
@@ -91,6 +100,9 @@ def config_from_args(args):
         v = getattr(args, name, None)
         if v is not None:
             overrides[name] = v
+    if overrides.get("steps") == 0:
+        raise ValueError("--steps 0: give the number of training steps (>= 1), or leave --steps out for the "
+                         "method's default (see --help)")
     cfg = build_config(args.config, overrides)
     if args.lr is not None:
         from ..methods import METHODS, section_name

@@ -1,7 +1,9 @@
 """The user's reference photos: load, check, resize, encode once, sample (image, flip, caption).
 
-Each image is resized to the model's resolution (bicubic, no crop, as ZOODiP and the diffusers TI
-script), VAE-encoded once with and without a horizontal flip, and its latent distribution
+Each image is turned upright by its EXIF orientation, center-cropped to a square and resized to the
+model's resolution (bicubic; the diffusers DreamBooth script's Resize + CenterCrop, so a non-square
+photo is not squashed; square photos are only resized, as in ZOODiP and the diffusers TI script);
+16-bit and other wide-range modes are scaled to 8 bits, not clipped. It is then VAE-encoded once with and without a horizontal flip, and its latent distribution
 (mean, std) cached; a training sample draws z = mean + std * N(0, I) from the cache, which is what
 re-encoding every step (the reference) samples from, at a fraction of the cost.
 
@@ -42,17 +44,41 @@ def list_images(folder: str | Path) -> list[Path]:
     return paths
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's ``convert("RGB")`` clips the integer modes of 16-bit PNGs ("I;16", "I") at 255,
+    which turns a photo white; those are scaled by their bit depth instead (65535 -> 255)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if a.max() <= 1.0 else (255.0 / 65535.0 if a.max() > 255 else 1.0)
+        im = Image.fromarray(np.clip(a * scale, 0, 255).round().astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def center_square(im: Image.Image) -> Image.Image:
+    """The largest centred square (the diffusers DreamBooth script's CenterCrop after Resize)."""
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return im.crop((left, top, left + side, top + side)) if (w, h) != (side, side) else im
+
+
 def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
-    """(N, 3, resolution, resolution) float32 in [-1, 1]. A file that cannot be decoded is named."""
+    """(N, 3, resolution, resolution) float32 in [-1, 1]: upright (EXIF), 8-bit RGB, centre square,
+    resized. A file that cannot be decoded is named."""
+    from PIL import ImageOps
     out = []
     for p in paths:
         try:
             with Image.open(p) as im:
-                im = im.convert("RGB")
+                im = to_rgb(ImageOps.exif_transpose(im))
         except Exception as e:  # PIL raises several types for truncated / foreign files
             raise ValueError(f"cannot read image {p.name!r} in {str(p.parent)!r} ({type(e).__name__}: {e}); "
                              f"remove or replace that file") from None
-        im = im.resize((resolution, resolution), Image.BICUBIC)
+        im = center_square(im).resize((resolution, resolution), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1)
     return torch.stack(out)
 
@@ -127,10 +153,13 @@ class SubjectImages:
 
     @torch.no_grad()
     def encode(self, vae, scaling_factor: float, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> None:
+               dtype: torch.dtype = torch.float32, progress: bool = False) -> None:
         """VAE-encode every image once, with and without a horizontal flip. One image per call: at 512 px
-        a batch of all photos would set the run's memory peak (about 1.5 GB on SD-1.5)."""
+        a batch of all photos would set the run's memory peak (about 1.5 GB on SD-1.5). ``progress``: a
+        tqdm bar (encoding takes minutes on a CPU at 512 px)."""
+        from tqdm import tqdm
         means, stds = [], []
+        bar = tqdm(total=2 * len(self), desc="encoding photos", unit="image", disable=not progress, leave=False)
         with torch.no_grad():
             for x in (self.pixels, self.pixels.flip(-1)):
                 m, s = [], []
@@ -138,8 +167,10 @@ class SubjectImages:
                     dist = vae.encode(img[None].to(device=device, dtype=dtype)).latent_dist
                     m.append(dist.mean.float() * scaling_factor)
                     s.append(dist.std.float() * scaling_factor)
+                    bar.update(1)
                 means.append(torch.cat(m))
                 stds.append(torch.cat(s))
+        bar.close()
         self.mean = torch.stack(means, 1)
         self.std = torch.stack(stds, 1)
 

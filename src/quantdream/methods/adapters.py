@@ -73,6 +73,10 @@ def apply_adapter(pipe, path: str | Path) -> dict:
     kind, target, info = detect(path)
     out = {"kind": kind, "prompt_text": info.get("prompt_text", ""), "tokens": []}
     if kind == "embedding":
+        from ..export import check_embedding_fits
+        widths = [te.get_input_embeddings().weight.shape[1] for te in
+                  (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if te is not None]
+        check_embedding_fits(target, widths, "--adapter")
         before = len(pipe.tokenizer)
         pipe.load_textual_inversion(str(target))
         out["tokens"] = pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer))))

@@ -3,6 +3,8 @@ streams, and the result of a run.
 
     L(theta) = E_{x, y, eps, t} || eps - eps_phi(z_t, t, c(y; theta)) ||^2         (LDM Eq. 1)
 
+(with v or z in place of eps when the scheduler's ``prediction_type`` says so: diffusion.target)
+
 theta (num_vectors, d) are the rows of the new token; they are spliced into the text encoder's
 input embeddings by a forward hook on the token-embedding layer, so one batch can carry a different
 theta per row (the clean and the n perturbed tokens of ZOODiP) and the frozen embedding table is
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.dataset import Batch
-from ..diffusion import TimestepSampler, add_noise, draw_noise, epsilon_mse, uniform
+from ..diffusion import TimestepSampler, add_noise, check_prediction_type, denoising_mse, draw_noise, target, uniform
 
 
 # ----------------------------------------------------------------------------- randomness
@@ -196,6 +198,7 @@ class DenoisingObjective:
         self.device, self.dtype = torch.device(device), dtype
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
         self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.prediction_type = check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
         self.timesteps = timesteps or uniform(self.num_train_timesteps)
         self.max_length = tokenizer.model_max_length
         self.forward_passes = 0          # UNet evaluations of one sample (K * B per call)
@@ -264,14 +267,16 @@ class DenoisingObjective:
         z = batch.latents.to(self.device)
         B = z.shape[0]
         noise = draw_noise(tuple(z.shape), self.timesteps, generator)
-        z_t = add_noise(z, noise.eps.to(self.device), noise.t.to(self.device), self.alphas_cumprod)  # forward diffusion
+        eps, t = noise.eps.to(self.device), noise.t.to(self.device)
+        z_t = add_noise(z, eps, t, self.alphas_cumprod)             # forward diffusion
+        y = target(z, eps, t, self.alphas_cumprod, self.prediction_type)   # eps, v or z: the scheduler's type
         cond = self.encode_text(theta, batch.captions)              # (K*B, L, d)
-        t = noise.t.to(self.device).repeat(K)                       # (K*B,)
+        t = t.repeat(K)                                             # (K*B,)
         z_t = z_t.repeat(K, 1, 1, 1).to(self.dtype)
         m = self.unet_batch if self.unet_batch > 0 else K * B
         pred = torch.cat([self.unet(z_t[i:i + m], t[i:i + m], cond[i:i + m]).sample for i in range(0, K * B, m)])
         self.forward_passes += K * B
-        return epsilon_mse(pred, noise.eps.to(self.device).repeat(K, 1, 1, 1)).view(K, B).mean(1)
+        return denoising_mse(pred, y.repeat(K, 1, 1, 1)).view(K, B).mean(1)
 
 
 # ----------------------------------------------------------------------------- methods

@@ -56,8 +56,9 @@ def resolve_model(model: str | Path) -> Path:
         raise FileNotFoundError(f"model path {str(p)!r} does not exist (give `tiny` or a local Stable Diffusion "
                                 "diffusers folder or .safetensors file; nothing is downloaded)")
     if is_quantized_folder(p):
-        from ..quant.io import read_index
+        from ..quant.io import check_architecture, read_index
         read_index(p)                                   # format / version checks, clear errors
+        check_architecture(p, PACKAGE_MODEL_DIR)        # one model, the one it says it was made from
         return p
     if p.is_dir() and not (p / "model_index.json").is_file():
         found = sorted(x.name for x in p.iterdir())[:10]
@@ -236,4 +237,10 @@ def pick_device(device: str = "auto") -> str:
         raise ValueError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda:"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not device[5:].isdigit() or int(device[5:]) >= n:
+            have = ", ".join(f"cuda:{i}" for i in range(n))
+            raise ValueError(f"--device {device}: torch sees {n} CUDA device(s){f' ({have})' if n else ''}; "
+                             f"use --device auto, cpu{' or one of those' if n else ''}")
     return device

@@ -230,6 +230,42 @@ def save_quantized(components: Mapping[str, Any], out_dir: str | os.PathLike, co
 
 
 # -- load -------------------------------------------------------------------------------------------------
+def _component_config(path: Path, name: str) -> dict | None:
+    f = path / name / "config.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{f} is not valid JSON") from None
+
+
+def check_architecture(path: str | os.PathLike, embedded_dir: str | os.PathLike | None = None) -> None:
+    """A quantized folder must be one model: its parts' configs agree with each other (the UNet's
+    cross-attention width is the text encoder's width, or the sum of both on SDXL; the UNet's input
+    channels are the autoencoder's latent channels), and a folder whose recorded source is the embedded
+    model (``embedded_dir``) has the embedded model's UNet. Reads configs only (cheap); the tensors are
+    checked against the configs when loading."""
+    path = Path(path)
+    unet, te, te2, vae = (_component_config(path, n) for n in ("unet", "text_encoder", "text_encoder_2", "vae"))
+    redo = "re-run `quantdream quantize` on one diffusers pipeline folder"
+    if unet and te:
+        width = te.get("hidden_size", 0) + (te2.get("hidden_size", 0) if te2 else 0)
+        if unet.get("cross_attention_dim") != width:
+            parts = f"{te.get('hidden_size')}" + (f" + {te2.get('hidden_size')}" if te2 else "")
+            raise ValueError(f"{path} mixes architectures: its UNet reads {unet.get('cross_attention_dim')}-wide "
+                             f"text but its text encoder(s) give {parts}; {redo}")
+    if unet and vae and unet.get("in_channels") != vae.get("latent_channels"):
+        raise ValueError(f"{path} mixes architectures: its UNet takes {unet.get('in_channels')} latent channels but "
+                         f"its autoencoder makes {vae.get('latent_channels')}; {redo}")
+    source = read_index(path)["config"].get("source")
+    if embedded_dir is not None and unet and source and Path(source).resolve() == Path(embedded_dir).resolve():
+        ref = json.loads((Path(embedded_dir) / "unet" / "config.json").read_text())
+        keys = ("sample_size", "cross_attention_dim", "block_out_channels", "in_channels")
+        diff = [k for k in keys if unet.get(k) != ref.get(k)]
+        if diff:
+            raise ValueError(f"{path} says it was made from the embedded model ('tiny') but its UNet is another "
+                             f"architecture ({', '.join(f'{k} {unet.get(k)} vs {ref.get(k)}' for k in diff)}); {redo}")
+
+
 class DroppedModule(nn.Module):
     """Stands in for a submodule that ``load_quantized(..., drop=...)`` did not load."""
 
@@ -360,12 +396,14 @@ def load_quantized(path: str | os.PathLike, components: Sequence[str] | None = N
         if missing or extra:
             raise ValueError(f"component {name!r} in {path} does not match its {entry['class']} config: "
                              f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(extra)} unexpected "
-                             f"(e.g. {extra[:3]})")
+                             f"(e.g. {extra[:3]}): its weights come from another architecture than "
+                             f"{name}/config.json describes; re-run `quantdream quantize`")
         for k, (t, *_rest) in expected.items():
             e = header[k]
             if tuple(e["shape"]) != tuple(t.shape):
                 raise ValueError(f"component {name!r}: tensor {k} is {tuple(e['shape'])} in the file, "
-                                 f"{tuple(t.shape)} in the model")
+                                 f"{tuple(t.shape)} in the model: its weights come from another architecture "
+                                 f"than {name}/config.json describes; re-run `quantdream quantize`")
             if _ST_NAMES[e["dtype"]].is_floating_point != t.is_floating_point():
                 raise ValueError(f"component {name!r}: tensor {k} is {e['dtype']} in the file, {t.dtype} in the model")
         plans[name] = ("module", model, wfile, header, start, expected)
