@@ -27,6 +27,7 @@ import difflib
 import json
 import logging
 import math
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -132,6 +133,8 @@ class RunConfig:
     threads: int = 0                  # torch CPU threads; 0 leaves torch's default
     low_memory: bool = False          # lower resident peak, slower steps (memory.low_memory_allocator/_objective)
     resume: bool = False
+    dry_run: bool = False             # print the time plan (a few warm-up steps) and stop; nothing is written
+    max_hours: float = 0.0            # > 0: refuse a run whose planned time exceeds this many hours
     zoodip: dict = field(default_factory=dict)
     zoodip_fast: dict = field(default_factory=dict)
     ti: dict = field(default_factory=dict)
@@ -389,7 +392,7 @@ def _validate(cfg: RunConfig) -> tuple[dict, str]:
     if cfg.acts and not (2 <= cfg.acts <= 16 and weights in ("int8", "int4")):
         raise ValueError(f"--acts {cfg.acts}: calibrated activations need 2..16 bits and a quantdream-quantized "
                          f"UNet (--weights int8 or int4), got --weights {weights}")
-    for name in ("steps", "resolution", "checkpoint_every", "sample_every", "threads"):
+    for name in ("steps", "resolution", "checkpoint_every", "sample_every", "threads", "max_hours"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.sample_images < 0:
@@ -455,7 +458,10 @@ def personalize(cfg: RunConfig, progress: bool = False,
         if not memory_mod.low_memory_allocator():
             logger.warning("--low-memory: glibc's mallopt is not available here; freed memory stays in the heap")
         memory_mod.skip_unused_integrations(method_class(cfg.method).integrations)
+    from . import distributed
     from .models.load import pick_device
+    from .precision import check_zo_precision
+    ranks = distributed.launched()
     device = torch.device(pick_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     model_path, embedded = check_model(cfg.model)
@@ -464,10 +470,16 @@ def personalize(cfg: RunConfig, progress: bool = False,
     defaults = (EMBEDDED_DEFAULTS if embedded else SD_DEFAULTS)[cfg.method]
     mcls = method_class(cfg.method)
     mconfig = config_from_dict(mcls.config_class, {**defaults["section"], **section}, section_name(cfg.method))
+    dtype = check_zo_precision(cfg.method, mconfig, dtype, explicit=cfg.dtype != "auto")
+    distributed.check_method(cfg.method, mconfig, ranks)
     token = cfg.token or "sks"        # weight methods: DreamBooth's rare identifier
     steps = cfg.steps or defaults["steps"]
     guidance = cfg.guidance or (4.0 if embedded else 7.5)
     ckpt = _prepare_out(cfg)
+    if ranks.distributed:    # after every rank has checked the output folder, before rank 0 writes into it
+        device = distributed.init(ranks, device)
+        import torch.distributed as dist
+        dist.barrier()
     init_vectors = None
     if cfg.init_embedding:
         from .export import load_embedding
@@ -525,6 +537,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
     if not quantized_folder:
         data.encode(vae, scaling, device=device, dtype=dtype)
     objective = DenoisingObjective(tokenizer, te, unet, scheduler, placeholder, device=device, dtype=dtype)
+    objective = distributed.sharded(objective, ranks)          # this rank's share of the candidates
     if cfg.low_memory:
         memory_mod.low_memory_objective(objective)
     method = mcls(objective, placeholder.init_vectors, mconfig)
@@ -536,10 +549,25 @@ def personalize(cfg: RunConfig, progress: bool = False,
                 section_name(cfg.method): dataclasses.asdict(mconfig), "resume": False}
     if ckpt is not None:
         _check_resume(ckpt, resolved, cfg.method)
+    # ---- the time plan: a few warm-up steps (undone), then refuse, stop (--dry-run) or go on
+    from . import plan as plan_mod
+    done = ckpt["step"] if ckpt is not None else 0
+    plan = plan_mod.measure(method, objective, data, streams, placeholder, name=cfg.method, steps_left=steps - done,
+                            done=done, cfg=cfg, ranks=ranks.world,
+                            agree=lambda x: distributed.max_over_ranks(x, ranks, device))
+    if ranks.writer:
+        logger.info("%s", plan.text())
+    plan.check(cfg.max_hours)
+    if cfg.dry_run:
+        distributed.close()
+        return RunResult(theta=method.theta.detach().cpu().clone(), placeholder=placeholder, step=done,
+                         completed=False, summary={"plan": plan.to_dict()})
     setup_seconds = time.perf_counter() - t_setup
 
-    # ---- output folder
-    out = Path(cfg.out)
+    # ---- output folder (rank 0's; the other ranks write the same files into a scratch folder they drop)
+    out = Path(cfg.out) if ranks.writer else Path(tempfile.mkdtemp(prefix="quantdream-rank"))
+    if not ranks.writer:
+        cfg = dataclasses.replace(cfg, sample_images=0)          # no sample grids off rank 0
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.toml", lambda tmp: Path(tmp).write_text(dump_toml(resolved)))
     logger.info("personalizing %r (init %r) with %s on %s: %d images, %d steps, %s weights, %s/%s",
@@ -577,15 +605,17 @@ def personalize(cfg: RunConfig, progress: bool = False,
     probe = MemoryProbe(device)
     probe.reset()
     bar = None
-    if progress:
+    if progress and ranks.writer:   # its ETA: the plan's model with the s/step of the steps run so far
         from tqdm import tqdm
-        bar = tqdm(total=steps, initial=step, desc=f"{cfg.method} {cfg.token}", dynamic_ncols=True, unit="step")
+        bar = tqdm(total=steps, initial=step, desc=f"{cfg.method} {cfg.token}", dynamic_ncols=True, unit="step",
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     pending: list[torch.Tensor] = []
     interrupted = False
+    seconds_start = seconds
     t0 = time.perf_counter()
     with graceful_interrupt() as stop:
         while step < steps:
-            if stop:
+            if distributed.any_rank(bool(stop), ranks, device):   # every rank stops at the same step
                 interrupted = True
                 break
             batch = data.sample(cfg.batch_size, streams.data, placeholder.text)
@@ -597,7 +627,9 @@ def personalize(cfg: RunConfig, progress: bool = False,
                 pending.clear()
                 if bar is not None:
                     tail = losses[-20:]
-                    bar.set_postfix(loss=f"{sum(tail) / len(tail):.4f}", lr=f"{method.lr:.1e}", refresh=False)
+                    sps = (time.perf_counter() - t0 + seconds - seconds_start) / max(1, step - done)
+                    bar.set_postfix(loss=f"{sum(tail) / len(tail):.4f}", lr=f"{method.lr:.1e}",
+                                    eta=plan_mod.duration(plan.eta(step - done, sps)), refresh=False)
             if bar is not None:
                 bar.update(1)
             if callback is not None:
@@ -619,6 +651,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
         save_state()
     if bar is not None:
         bar.close()
+    distributed.close()
     theta = method.theta.detach().cpu().clone()
     result = RunResult(theta=theta, placeholder=placeholder, step=step, completed=not interrupted, losses=losses)
     objective.close()
@@ -649,7 +682,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "images": len(data),
         "captions": str(captions) if captions is not None else f"{cfg.learnable_property} templates",
         "resolution": resolution, "seed": cfg.seed, "method_config": dataclasses.asdict(mconfig),
-        "method_info": method.summary(),
+        "method_info": method.summary(), "plan": plan.to_dict(), "processes": ranks.world,
     }
     atomic_json(out / "run.json", result.summary)
     return result
