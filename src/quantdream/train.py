@@ -27,6 +27,7 @@ import difflib
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
 import tomllib
@@ -685,6 +686,8 @@ def personalize(cfg: RunConfig, progress: bool = False,
         "method_info": method.summary(), "plan": plan.to_dict(), "processes": ranks.world,
     }
     atomic_json(out / "run.json", result.summary)
+    if not ranks.writer:
+        shutil.rmtree(out, ignore_errors=True)
     return result
 
 
