@@ -75,8 +75,8 @@ class TimePlan:
         fit = int(max(0.0, max_hours * 3600 - (self.eta() - self.training_seconds)) / self.seconds_per_step)
         raise ValueError(f"--max-hours {max_hours:g}: this run needs about {duration(self.eta())} "
                          f"({self.steps} steps x {self.seconds_per_step:.3g} s); use fewer --steps (about {fit} fit), "
-                         f"--method zoodip-fast (a third of zoodip's steps), or more processes with --nproc K "
-                         f"(each evaluates 1/K of a step's candidates)")
+                         f"--method zoodip-fast (1/3 of zoodip's UNet passes on SD, 1/9 on the embedded model), "
+                         f"or more processes with --nproc K (each evaluates 1/K of a step's candidates)")
 
 
 def duration(seconds: float) -> str:

@@ -657,7 +657,10 @@ def personalize(cfg: RunConfig, progress: bool = False,
     result = RunResult(theta=theta, placeholder=placeholder, step=step, completed=not interrupted, losses=losses)
     objective.close()
     if interrupted:
-        logger.info("interrupted at step %d of %d; checkpoint saved in %s (continue with --resume)", step, steps, out)
+        if ranks.writer:
+            logger.info("interrupted at step %d of %d; checkpoint saved in %s (continue with --resume)", step, steps, out)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
         return result
 
     # ---- finished: samples, plots, then the files that mark a complete run

@@ -1,0 +1,115 @@
+"""Wall-clock time to a token: the time plan (--dry-run, --max-hours), the precision guard (bench zo-noise),
+and ZOODiP across processes (the same token from 2 gloo ranks as from one process)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from quantdream.cli.main import main
+from quantdream.distributed import share
+from quantdream.plan import TimePlan, grid_passes
+from quantdream.precision import NoiseSpec, check_zo_precision, zo_noise
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        a = np.full((48, 48, 3), rng.integers(0, 255, 3), np.uint8)
+        a[12:36, 12:36] = (200, 30, 30)
+        Image.fromarray(a).save(d / f"{i:02d}.png")
+    return d
+
+
+def args(model, images, out, *extra):
+    return ["personalize", "--images", str(images), "--token", "<my-bag>", "--init-word", "bag", "--model", str(model),
+            "--weights", "none", "--out", str(out), "--threads", "1", "--set", "sample_images=0", *extra]
+
+
+# ----------------------------------------------------------------------------- the plan
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model, photos, tmp_path, caplog):
+    out = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        assert main(args(tiny_model, photos, out, "--steps", "40", "--dry-run")) == 0
+    assert not out.exists()
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("time plan"))
+    assert "40 steps x 3 UNet passes = 120 passes" in line and "ETA" in line and "MiB" in line
+
+
+def test_max_hours_refuses_a_long_run_naming_the_levers(tiny_model, photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(tiny_model, photos, out, "--steps", "30000", "--max-hours", "0.001")) == 2
+    err = capsys.readouterr().err
+    assert not out.exists()
+    assert "--max-hours 0.001" in err and "fewer --steps" in err and "zoodip-fast" in err and "--nproc" in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+def test_plan_arithmetic_and_refusal():
+    p = TimePlan(method="zoodip", steps=1000, passes_per_step=9, seconds_per_step=2.0)
+    assert p.passes == 9000 and p.seconds_per_pass == pytest.approx(2 / 9) and p.eta() == 2000
+    assert p.eta(done=400) == 1200 and p.eta(done=400, seconds_per_step=1.0) == 600
+    p.check(1.0)                                           # 2000 s fits in an hour
+    with pytest.raises(ValueError, match=r"about 900 fit"):
+        p.check(0.5)
+    assert grid_passes(1000, 0, 500, 2, 25, 3) == 2 * 25 * 2 * 3 * 2      # step 500 and the final grid
+    assert grid_passes(1000, 0, 0, 2, 25, 3) == 25 * 2 * 3 * 2 and grid_passes(10, 0, 5, 0, 25, 3) == 0
+
+
+# ----------------------------------------------------------------------------- precision
+def test_bf16_at_mu_1e_3_is_refused_with_what_to_use(tiny_model, photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(tiny_model, photos, out, "--steps", "2", "--dtype", "bfloat16")) == 2
+    err = capsys.readouterr().err
+    assert "zoodip.mu = 0.001 in bfloat16" in err and "--dtype float32" in err and "zoodip.mu=0.1" in err
+    assert not out.exists()
+
+
+def test_guard_table():
+    from quantdream.methods.zoodip import ZoodipConfig
+    from quantdream.methods.ti import TIConfig
+    assert check_zo_precision("zoodip", ZoodipConfig(mu=0.1), torch.bfloat16) == torch.bfloat16
+    assert check_zo_precision("zoodip", ZoodipConfig(), torch.float16, explicit=False) == torch.float32  # auto
+    with pytest.raises(ValueError, match="zoodip.mu=0.01"):
+        check_zo_precision("zoodip", ZoodipConfig(), torch.float16)
+    assert check_zo_precision("ti", TIConfig(), torch.bfloat16) == torch.bfloat16    # not a ZO method
+
+
+def test_zo_noise_fp32_matches_float64_and_bf16_does_not_at_small_mu(tiny_model):
+    r = zo_noise(NoiseSpec(model=str(tiny_model), dtypes=("fp32", "bf16"), mus=(1e-3,), n=8, timesteps=(850,)))
+    corr = {row["dtype"]: row["correlation"] for row in r["rows"]}
+    assert corr["fp32"] > 0.999
+    assert corr["bf16"] < 0.9
+
+
+# ----------------------------------------------------------------------------- processes
+def test_share_splits_candidates_evenly_and_in_order():
+    for K in (1, 3, 9, 20):
+        for R in (1, 2, 3, 4):
+            parts = [share(K, r, R) for r in range(R)]
+            assert parts[0][0] == 0 and parts[-1][1] == K
+            assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+            sizes = [hi - lo for lo, hi in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_nproc_refuses_a_gradient_method(tiny_model, photos, tmp_path, capsys):
+    assert main(args(tiny_model, photos, tmp_path / "r", "--method", "ti", "--nproc", "2")) == 2
+    assert "--method ti backpropagates" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["zoodip", "zoodip-fast"])
+def test_two_gloo_ranks_learn_the_single_process_token_bit_for_bit(tiny_model, photos, tmp_path, method):
+    extra = ("--method", method, "--steps", "3", "--checkpoint-every", "2")
+    assert main(args(tiny_model, photos, tmp_path / "one", *extra)) == 0
+    assert main(args(tiny_model, photos, tmp_path / "two", *extra, "--nproc", "2")) == 0
+    one, two = (load_file(tmp_path / d / "learned_embeds.safetensors")["<my-bag>"] for d in ("one", "two"))
+    assert torch.equal(one, two) and not torch.equal(one, torch.zeros_like(one))
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["processes"] == 2 and run["unet_forward_passes"] == json.loads(
+        (tmp_path / "one" / "run.json").read_text())["unet_forward_passes"]
