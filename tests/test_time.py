@@ -100,13 +100,42 @@ def test_share_splits_candidates_evenly_and_in_order():
 def test_nproc_refuses_a_gradient_method(tiny_model, photos, tmp_path, capsys):
     assert main(args(tiny_model, photos, tmp_path / "r", "--method", "ti", "--nproc", "2")) == 2
     assert "--method ti backpropagates" in capsys.readouterr().err
+    assert main(args(tiny_model, photos, tmp_path / "r", "--method", "ti", "--set", "candidate_shards=2")) == 2
+    assert "--method ti does not run across processes or candidate shards" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_candidate_shards_in_one_process_keep_the_stream_and_the_losses(frozen_tiny):
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    from quantdream.data.dataset import Batch
+    from quantdream.distributed import Ranks, sharded
+    from quantdream.methods.base import DenoisingObjective, add_placeholder
+    from quantdream.models import embedded
+    tok = CLIPTokenizer.from_pretrained(str(embedded.TOKENIZER_DIR))
+    ph = add_placeholder(tok, frozen_tiny["text_encoder"], "<x>", "bag")
+    u = frozen_tiny["unet"].config
+    batch = Batch(latents=torch.randn(1, u.in_channels, u.sample_size, u.sample_size), captions=["a <x>"],
+                  index=[0], flipped=[False])
+    obj = DenoisingObjective(tok, frozen_tiny["text_encoder"], frozen_tiny["unet"],
+                             DDPMScheduler(**embedded.SCHEDULER_CONFIG), ph)
+    theta = ph.init_vectors[None] + 1e-2 * torch.randn(5, *ph.init_vectors.shape)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    whole = obj(theta, batch, g1)
+    parts = torch.cat([obj(theta[:3], batch, torch.Generator().manual_seed(3)),
+                       obj(theta[3:], batch, torch.Generator().manual_seed(3))])
+    shard = sharded(obj, Ranks(), shards=2)(theta, batch, g2)
+    assert torch.equal(shard, parts) and torch.allclose(shard, whole, atol=1e-5)
+    assert torch.equal(g1.get_state(), g2.get_state())            # one draw of (t, eps), as in one batch
+    assert obj.forward_passes == 5 + 5 + 5
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["zoodip", "zoodip-fast"])
-def test_two_gloo_ranks_learn_the_single_process_token_bit_for_bit(tiny_model, photos, tmp_path, method):
+def test_two_gloo_ranks_learn_the_token_of_one_process_with_the_same_shards_bit_for_bit(tiny_model, photos, tmp_path, method):
     extra = ("--method", method, "--steps", "3", "--checkpoint-every", "2")
-    assert main(args(tiny_model, photos, tmp_path / "one", *extra)) == 0
+    assert main(args(tiny_model, photos, tmp_path / "one", *extra, "--set", "candidate_shards=2")) == 0
     assert main(args(tiny_model, photos, tmp_path / "two", *extra, "--nproc", "2")) == 0
     one, two = (load_file(tmp_path / d / "learned_embeds.safetensors")["<my-bag>"] for d in ("one", "two"))
     assert torch.equal(one, two) and not torch.equal(one, torch.zeros_like(one))

@@ -136,6 +136,8 @@ class RunConfig:
     resume: bool = False
     dry_run: bool = False             # print the time plan (a few warm-up steps) and stop; nothing is written
     max_hours: float = 0.0            # > 0: refuse a run whose planned time exceeds this many hours
+    candidate_shards: int = 0         # ZO methods: a step's candidates as this many batches (0: one per process)
+    scale_candidates: bool = False    # ZO methods on R processes: n R directions (GF-TI: lambda R) a step
     zoodip: dict = field(default_factory=dict)
     zoodip_fast: dict = field(default_factory=dict)
     ti: dict = field(default_factory=dict)
@@ -472,7 +474,9 @@ def personalize(cfg: RunConfig, progress: bool = False,
     mcls = method_class(cfg.method)
     mconfig = config_from_dict(mcls.config_class, {**defaults["section"], **section}, section_name(cfg.method))
     dtype = check_zo_precision(cfg.method, mconfig, dtype, explicit=cfg.dtype != "auto")
-    distributed.check_method(cfg.method, mconfig, ranks)
+    distributed.check_method(cfg.method, mconfig, ranks, cfg.candidate_shards)
+    if cfg.scale_candidates:
+        mconfig = distributed.scaled(cfg.method, mconfig, ranks)
     token = cfg.token or "sks"        # weight methods: DreamBooth's rare identifier
     steps = cfg.steps or defaults["steps"]
     guidance = cfg.guidance or (4.0 if embedded else 7.5)
@@ -538,7 +542,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
     if not quantized_folder:
         data.encode(vae, scaling, device=device, dtype=dtype)
     objective = DenoisingObjective(tokenizer, te, unet, scheduler, placeholder, device=device, dtype=dtype)
-    objective = distributed.sharded(objective, ranks)          # this rank's share of the candidates
+    objective = distributed.sharded(objective, ranks, cfg.candidate_shards)   # this rank's share of the candidates
     if cfg.low_memory:
         memory_mod.low_memory_objective(objective)
     method = mcls(objective, placeholder.init_vectors, mconfig)

@@ -9,10 +9,11 @@ One step of a K-candidate method (ZOODiP's n + 1 tokens, GF-TI's CMA-ES populati
 
 So a step sends R * ceil(K / R) * 4 bytes per rank plus 4 bytes for the Ctrl-C flag, and every rank holds
 the same theta, optimizer state and generator states after each step: rank 0 alone writes the output folder,
-and any rank's checkpoint would resume the same run. The candidates a rank evaluates go through the text
-encoder and the UNet as one batch, as in one process; with kernels that do not depend on the batch size
-(checked for the embedded model on CPU: a 5 + 4 split gives the 9-row batch's losses bit for bit) the token
-equals the single-process token bit for bit (benchmarks/distributed.py).
+and any rank's checkpoint would resume the same run. The candidates of a shard go through the text encoder
+and the UNet as one batch. The token of R ranks equals, bit for bit, the token of one process run with
+``--set candidate_shards=R`` (the same batches, evaluated one after the other); against one process with one
+batch of all K it agrees up to the kernels' batch-size-dependent rounding (1 ulp of a loss), which a ZO
+trajectory then carries on (benchmarks/distributed.py measures both).
 
 Launch: ``torchrun --nproc-per-node R -m quantdream personalize ...`` (multi-node: torchrun's usual
 ``--nnodes/--node-rank/--rdzv-endpoint``), or ``quantdream personalize --nproc R ...`` which starts R local
@@ -59,15 +60,26 @@ def launched() -> Ranks:
     return Ranks.from_env()
 
 
-def check_method(method: str, config, ranks: Ranks) -> None:
+def check_method(method: str, config, ranks: Ranks, shards: int = 0) -> None:
     """Only the methods whose step is 'evaluate K candidates, update from K losses' split across ranks."""
-    if not ranks.distributed:
+    if not ranks.distributed and shards <= 1:
         return
     if method not in DISTRIBUTED_METHODS:
-        raise ValueError(f"--method {method} does not run across processes (it backpropagates); use one process, "
-                         f"or one of {', '.join(DISTRIBUTED_METHODS)} with --nproc / torchrun")
+        raise ValueError(f"--method {method} does not run across processes or candidate shards (it backpropagates); "
+                         f"use one process, or one of {', '.join(DISTRIBUTED_METHODS)}")
     if getattr(config, "estimator", "rge") != "rge":
         raise ValueError("zoodip.estimator = 'expected' (the study oracle) backpropagates; run it in one process")
+
+
+def scaled(method: str, config, ranks: Ranks):
+    """``scale_candidates``: R ranks evaluate R times the candidates in the time one process takes for its
+    own, so ZOODiP draws n R directions a step (GF-TI: a population of lambda R)."""
+    import dataclasses
+    if not ranks.distributed:
+        return config
+    if method == "gf-ti":
+        return dataclasses.replace(config, popsize=config.popsize * ranks.world)
+    return dataclasses.replace(config, n=config.n * ranks.world)
 
 
 def init(ranks: Ranks, device: torch.device) -> torch.device:
@@ -96,41 +108,56 @@ def share(K: int, rank: int, world: int) -> tuple[int, int]:
 
 
 class ShardedObjective(DenoisingObjective):
-    """L(theta) for K candidates of which this rank evaluates its share; the losses of all K come back
-    from one all-gather. The step's (t, eps) is drawn from ``generator`` on every rank, so the generator
-    advances exactly as in one process. ``forward_passes`` counts every rank's passes (what the run cost,
-    the same number on every rank and in a checkpoint as in one process)."""
+    """L(theta) for K candidates split into S contiguous shards (``share(K, s, S)``); rank r evaluates the
+    shards ``share(S, r, R)``, each as one batch, and the losses of all K come back from one all-gather.
 
-    def __init__(self, *args, ranks: Ranks, **kw) -> None:
+    Each shard draws the step's (t, eps) from the same generator state, and the generator ends one draw
+    further, as in one process. Why shards and not "the rows this rank has": CPU and GPU kernels may round
+    a row differently in batches of different sizes (seen: 1 ulp of a loss between a 3-row batch and a 2 + 1
+    split), so bit-identity holds between runs with the same shards: R ranks (S = R by default) and one
+    process with ``candidate_shards = R``. ``forward_passes`` counts every rank's passes (what the run cost,
+    the same on every rank and in a checkpoint as in one process)."""
+
+    def __init__(self, *args, ranks: Ranks, shards: int = 0, **kw) -> None:
         super().__init__(*args, **kw)
-        self.ranks = ranks
-        self.bytes_sent = 0        # all-gather payload this rank contributed, bytes
+        self.ranks, self.shards, self.bytes_sent = ranks, shards or ranks.world, 0
+
+    def _shard_rows(self, K: int, rank: int) -> list[tuple[int, int]]:
+        a, b = share(self.shards, rank, self.ranks.world)
+        return [share(K, s, self.shards) for s in range(a, b)]
 
     def __call__(self, theta: torch.Tensor, batch, generator: torch.Generator) -> torch.Tensor:
-        import torch.distributed as dist
         if theta.dim() == 2:
             theta = theta[None]
         K, R = theta.shape[0], self.ranks.world
-        lo, hi = share(K, self.ranks.rank, R)
-        width = -(-K // R)                                         # ceil(K / R): all-gather needs one size
-        mine = torch.full((width,), float("nan"), device=self.device)
-        if hi > lo:
-            mine[: hi - lo] = super().__call__(theta[lo:hi], batch, generator).float()
-        else:                                                      # nothing to evaluate: keep the stream in step
+        counts = [sum(hi - lo for lo, hi in self._shard_rows(K, r)) for r in range(R)]
+        mine = torch.full((max(counts),), float("nan"), device=self.device)
+        start, i = generator.get_state(), 0
+        for lo, hi in self._shard_rows(K, self.ranks.rank):
+            if hi > lo:
+                generator.set_state(start)                        # every shard sees the step's one (t, eps)
+                mine[i: i + hi - lo] = super().__call__(theta[lo:hi], batch, generator).float()
+                i += hi - lo
+        if i == 0:                                                 # nothing to evaluate: keep the stream in step
             draw_noise(tuple(batch.latents.shape), self.timesteps, generator)
-        self.forward_passes += (K - (hi - lo)) * batch.latents.shape[0]   # the other ranks' passes
+        self.forward_passes += (K - i) * batch.latents.shape[0]   # the other ranks' passes
+        if R == 1:
+            return mine
+        import torch.distributed as dist
         parts = [torch.empty_like(mine) for _ in range(R)]
         dist.all_gather(parts, mine)
         self.bytes_sent += mine.numel() * mine.element_size()
-        return torch.cat([p[: share(K, r, R)[1] - share(K, r, R)[0]] for r, p in enumerate(parts)])
+        return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
-def sharded(objective: DenoisingObjective, ranks: Ranks) -> DenoisingObjective:
-    """``objective`` evaluating this rank's share of every call (itself, when there is one process)."""
-    if not ranks.distributed:
+def sharded(objective: DenoisingObjective, ranks: Ranks, shards: int = 0) -> DenoisingObjective:
+    """``objective`` evaluating this rank's shards of every call (itself: one process, one shard)."""
+    if shards < 0:
+        raise ValueError(f"candidate_shards must be >= 0 (0: one per process), got {shards}")
+    if not ranks.distributed and shards <= 1:
         return objective
-    objective.__class__ = ShardedObjective
-    objective.ranks, objective.bytes_sent = ranks, 0
+    objective.__class__ = ShardedObjective        # the same object, so methods and hooks keep their references
+    objective.ranks, objective.shards, objective.bytes_sent = ranks, shards or ranks.world, 0
     return objective
 
 
