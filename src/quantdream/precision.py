@@ -13,6 +13,7 @@ table (benchmarks/results/2026-12-04/zo_noise.json, ``quantdream bench zo-noise`
 from __future__ import annotations
 
 import copy
+import gc
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,9 +58,14 @@ class NoiseSpec:
     device: str = "cpu"
 
 
+ARCH_NAMES = ("sd15", "sd21", "sd-1.5", "sd-2.1")
+
+
 def _components(spec: NoiseSpec) -> dict:
-    """tokenizer, text_encoder, unet, scheduler in float32 (random weights for an architecture name)."""
-    if spec.model in ("sd15", "sd21", "sd-1.5", "sd-2.1"):
+    """tokenizer, text_encoder (float32), scheduler, and ``unet(dtype)``: a fresh UNet in that dtype (an
+    architecture name is rebuilt from its seed each time and converted in place, so SD-1.5's float64
+    reference costs its own 6.9 GB and no float32 copy beside it)."""
+    if spec.model in ARCH_NAMES:
         from diffusers import DDPMScheduler
         from transformers import CLIPTokenizer
 
@@ -68,11 +74,12 @@ def _components(spec: NoiseSpec) -> dict:
         te = build(spec.model, "text_encoder", seed=spec.seed + 2)
         tok = CLIPTokenizer.from_pretrained(str(embedded.TOKENIZER_DIR),
                                             model_max_length=te.config.max_position_embeddings)
-        return dict(tokenizer=tok, text_encoder=te, unet=build(spec.model, "unet", seed=spec.seed),
-                    scheduler=DDPMScheduler(**embedded.SCHEDULER_CONFIG))
+        return dict(tokenizer=tok, text_encoder=te, scheduler=DDPMScheduler(**embedded.SCHEDULER_CONFIG),
+                    unet=lambda dtype: build(spec.model, "unet", seed=spec.seed).to(dtype))
     from .train import load_components
     c = load_components(spec.model, torch.device(spec.device), torch.float32)
-    return {k: c[k] for k in ("tokenizer", "text_encoder", "unet", "scheduler")}
+    return dict(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], scheduler=c["scheduler"],
+                unet=lambda dtype: copy.deepcopy(c["unet"]).to(dtype))
 
 
 @contextmanager
@@ -107,7 +114,9 @@ def zo_noise(spec: NoiseSpec, log=lambda s: None) -> dict:
         raise ValueError(f"--mu must be > 0, got {spec.mus}")
     c = _components(spec)
     ph = add_placeholder(c["tokenizer"], c["text_encoder"], "<zo-noise>", "bag")
-    ucfg = c["unet"].config
+    unet = c["unet"](torch.float32)
+    ucfg = unet.config
+    del unet
     side = spec.resolution // 8 if spec.resolution else ucfg.sample_size
     g = torch.Generator().manual_seed(spec.seed)
     z = torch.randn(1, ucfg.in_channels, side, side, generator=g)
@@ -116,8 +125,8 @@ def zo_noise(spec: NoiseSpec, log=lambda s: None) -> dict:
 
     def objective(dtype):
         te = copy.deepcopy(c["text_encoder"]).double() if dtype == torch.float64 else c["text_encoder"]
-        un = copy.deepcopy(c["unet"]).to(dtype) if dtype != torch.float32 else c["unet"]
-        return DenoisingObjective(c["tokenizer"], te, un, c["scheduler"], ph, device=spec.device, dtype=dtype)
+        return DenoisingObjective(c["tokenizer"], te, c["unet"](dtype), c["scheduler"], ph, device=spec.device,
+                                  dtype=dtype)
 
     def differences(obj, e, est, t, f64=False):
         obj.set_timesteps(TimestepSampler(t, t + 1))
@@ -135,6 +144,7 @@ def zo_noise(spec: NoiseSpec, log=lambda s: None) -> dict:
             ref[mu, t] = differences(ref_obj, e, est, t, f64=True)
     ref_obj.close()
     del ref_obj
+    gc.collect()
     for d in spec.dtypes:
         dtype = DTYPES[d]
         obj = objective(dtype)
@@ -151,6 +161,7 @@ def zo_noise(spec: NoiseSpec, log=lambda s: None) -> dict:
             log(f"{d} mu={mu:g}: correlation {corr:.3f} ({', '.join(f't={t}: {v:.3f}' for t, v in per_t.items())})")
         obj.close()
         del obj
+        gc.collect()
     return {"model": spec.model, "resolution": spec.resolution or side * 8, "n": spec.n,
             "timesteps": list(spec.timesteps), "seed": spec.seed, "min_correlation": MIN_CORRELATION,
             "weights": "float (unquantized)", "rows": rows}

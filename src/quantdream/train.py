@@ -563,6 +563,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
     if ranks.writer:
         logger.info("%s", plan.text())
     plan.check(cfg.max_hours)
+    objective.bytes_sent = 0                                   # the losses all-gathered (distributed runs)
     if cfg.dry_run:
         distributed.close()
         return RunResult(theta=method.theta.detach().cpu().clone(), placeholder=placeholder, step=done,
@@ -691,6 +692,8 @@ def personalize(cfg: RunConfig, progress: bool = False,
         "captions": str(captions) if captions is not None else f"{cfg.learnable_property} templates",
         "resolution": resolution, "seed": cfg.seed, "method_config": dataclasses.asdict(mconfig),
         "method_info": method.summary(), "plan": plan.to_dict(), "processes": ranks.world,
+        "bytes_per_step": (objective.bytes_sent / max(1, step - done) + distributed.FLAG_BYTES
+                           if ranks.distributed else 0),
     }
     atomic_json(out / "run.json", result.summary)
     if not ranks.writer:

@@ -166,9 +166,12 @@ def any_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
     if not ranks.distributed:
         return flag
     import torch.distributed as dist
-    t = torch.tensor([int(flag)], device=device)
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+FLAG_BYTES = 4   # any_rank's int32 a step
 
 
 def max_over_ranks(value: float, ranks: Ranks, device: torch.device) -> float:
