@@ -189,13 +189,18 @@ def launch(nproc: int, argv: list[str]) -> int:
     ``--standalone`` rendezvous); returns 0 when every rank finished, else the launcher's failure as 1."""
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import get_args_parser, run
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module",
                                          "quantdream", *argv])
     try:
         run(args)
+    except SignalException:   # Ctrl-C / SIGTERM: the launcher passed SIGTERM on; the ranks stopped and rank 0 saved
+        print("interrupted; continue with the same command plus --resume", file=sys.stderr)
+        return 130
     except Exception as e:  # torch.distributed.elastic's ChildFailedError: each rank's error is on stderr
-        import sys
         print(f"quantdream: {nproc} ranks did not all finish ({type(e).__name__}); see the ranks' errors above",
               file=sys.stderr)
         return 1
