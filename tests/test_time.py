@@ -142,3 +142,13 @@ def test_two_gloo_ranks_learn_the_token_of_one_process_with_the_same_shards_bit_
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["processes"] == 2 and run["unet_forward_passes"] == json.loads(
         (tmp_path / "one" / "run.json").read_text())["unet_forward_passes"]
+
+
+def test_scale_candidates_multiplies_directions_or_population_by_the_ranks():
+    from quantdream.distributed import Ranks, scaled
+    from quantdream.methods.gfti import GFTIConfig
+    from quantdream.methods.zoodip import ZoodipConfig
+    two = Ranks(rank=0, world=2)
+    assert scaled("zoodip", ZoodipConfig(n=8), two).n == 16
+    assert scaled("gf-ti", GFTIConfig(popsize=20), two).popsize == 40
+    assert scaled("zoodip", ZoodipConfig(n=8), Ranks()).n == 8
