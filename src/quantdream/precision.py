@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ def check_zo_precision(method: str, config, dtype: torch.dtype, explicit: bool =
     if mu is None or mu >= low:
         return dtype
     if not explicit:
+        logging.getLogger(__name__).info("%s: mu = %g needs float32 activations here (--dtype auto would pick %s)",
+                                         method, mu, str(dtype).replace("torch.", ""))
         return torch.float32
     name = str(dtype).replace("torch.", "")
     sec = method.replace("-", "_")
