@@ -663,7 +663,8 @@ def personalize(cfg: RunConfig, progress: bool = False,
     objective.close()
     if interrupted:
         if ranks.writer:
-            logger.info("interrupted at step %d of %d; checkpoint saved in %s (continue with --resume)", step, steps, out)
+            logger.info("interrupted at step %d of %d; checkpoint saved in %s (continue with --resume)",
+                        step, steps, out)
         else:
             shutil.rmtree(out, ignore_errors=True)
         return result

@@ -18,8 +18,8 @@ Writes OUT/memory.json and OUT/memory.md.
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="benchmarks: training memory of each method (bench memory), finite-difference noise "
-                                          "per dtype (bench zo-noise)",
+    p = subparsers.add_parser("bench", help="benchmarks: training memory of each method (bench memory), "
+                                          "finite-difference noise per dtype (bench zo-noise)",
                               description="Benchmarks that run each configuration in a fresh subprocess.")
     sub = p.add_subparsers(dest="bench", metavar="BENCH")
     m = sub.add_parser("memory", help="peak training memory, storage, s/step, UNet passes/step per method",
