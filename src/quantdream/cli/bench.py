@@ -57,7 +57,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a = z.add_argument
     a("--model", default="tiny", help="tiny (the embedded model), sd15 / sd21 (the architecture with random "
                                       "weights) or a local diffusers folder")
-    a("--dtype", default="fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16 (default all three)")
+    a("--dtype", default="fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16 (default all three; fp16 on a "
+                                                "CPU without fp16 matrix kernels is ~50x slower than fp32)")
     a("--mu", default="1e-3,1e-2,1e-1", help="comma-separated perturbation scales (default 1e-3,1e-2,1e-1)")
     a("--n", type=int, default=16, help="random directions (default 16)")
     a("--timesteps", default="300,600,850", help="comma-separated timesteps (default 300,600,850)")
