@@ -27,6 +27,8 @@ import difflib
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -133,6 +135,10 @@ class RunConfig:
     threads: int = 0                  # torch CPU threads; 0 leaves torch's default
     low_memory: bool = False          # lower resident peak, slower steps (memory.low_memory_allocator/_objective)
     resume: bool = False
+    dry_run: bool = False             # print the time plan (a few warm-up steps) and stop; nothing is written
+    max_hours: float = 0.0            # > 0: refuse a run whose planned time exceeds this many hours
+    candidate_shards: int = 0         # ZO methods: a step's candidates as this many batches (0: one per process)
+    scale_candidates: bool = False    # ZO methods on R processes: n R directions (GF-TI: lambda R) a step
     zoodip: dict = field(default_factory=dict)
     zoodip_fast: dict = field(default_factory=dict)
     ti: dict = field(default_factory=dict)
@@ -427,7 +433,7 @@ def _validate(cfg: RunConfig) -> tuple[dict, str]:
     if cfg.acts and not (2 <= cfg.acts <= 16 and weights in ("int8", "int4")):
         raise ValueError(f"--acts {cfg.acts}: calibrated activations need 2..16 bits and a quantdream-quantized "
                          f"UNet (--weights int8 or int4), got --weights {weights}")
-    for name in ("steps", "resolution", "checkpoint_every", "sample_every", "threads"):
+    for name in ("steps", "resolution", "checkpoint_every", "sample_every", "threads", "max_hours"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.sample_images < 0:
@@ -490,24 +496,35 @@ def personalize(cfg: RunConfig, progress: bool = False,
     """Learn the token; see the module docstring for the outputs. Returns the (maybe interrupted) result.
 
     The phases, in the module docstring's order of work: :func:`validate_inputs`, :func:`load_frozen_model`,
-    :func:`encode_photos`, :func:`build_method`, :func:`create_output_folder`, :func:`training_loop`,
-    :func:`export_outputs`. They share one :class:`Run`, which each fills in."""
+    :func:`encode_photos`, :func:`build_method`, :func:`plan_run` (the time plan; ``--dry-run`` stops there),
+    :func:`create_output_folder`, :func:`training_loop`, :func:`export_outputs`. They share one :class:`Run`,
+    which each fills in."""
+    from . import distributed
     t_setup = time.perf_counter()
     run = validate_inputs(cfg)
     run.progress = progress
     load_frozen_model(run)
     encode_photos(run)
     build_method(run)
+    plan_run(run)
+    if cfg.dry_run:
+        distributed.close()
+        return RunResult(theta=run.method.theta.detach().cpu().clone(), placeholder=run.placeholder, step=run.done,
+                         completed=False, summary={"plan": run.plan.to_dict()})
     run.setup_seconds = time.perf_counter() - t_setup
     create_output_folder(run)
     interrupted = training_loop(run, progress, callback)
+    distributed.close()
     theta = run.method.theta.detach().cpu().clone()
     result = RunResult(theta=theta, placeholder=run.placeholder, step=run.step, completed=not interrupted,
                        losses=run.losses)
     run.objective.close()
     if interrupted:
-        logger.info("interrupted at step %d of %d; checkpoint saved in %s (continue with --resume)",
-                    run.step, run.steps, run.out)
+        if run.ranks.writer:
+            logger.info("interrupted at step %d of %d; checkpoint saved in %s (continue with --resume)",
+                        run.step, run.steps, run.out)
+        else:
+            shutil.rmtree(run.out, ignore_errors=True)
         return result
     export_outputs(run, result)
     return result
@@ -520,6 +537,7 @@ class Run:
     cfg: RunConfig
     progress: bool = False          # progress bars (photo encoding, training)
     # validate_inputs
+    ranks: Any = None               # distributed.Ranks: this process's place among the run's processes
     section: dict = field(default_factory=dict)
     weights: str = "none"
     acts: int | None = None
@@ -561,6 +579,9 @@ class Run:
     seconds: float = 0.0
     passes: int = 0
     setup_seconds: float = 0.0
+    # plan_run
+    plan: Any = None
+    done: int = 0                   # steps already done (a resumed run)
     # create_output_folder, training_loop
     out: Path | None = None
     method_setup_seconds: float = 0.0
@@ -611,7 +632,10 @@ def validate_inputs(cfg: RunConfig) -> Run:
         if not memory_mod.low_memory_allocator():
             logger.warning("--low-memory: glibc's mallopt is not available here; freed memory stays in the heap")
         memory_mod.skip_unused_integrations(method_class(cfg.method).integrations)
+    from . import distributed
     from .models.load import pick_device
+    from .precision import check_zo_precision
+    run.ranks = distributed.launched()
     run.device = torch.device(pick_device(cfg.device))
     run.dtype = resolve_dtype(cfg.dtype, run.device)
     run.model_path, run.embedded = check_model(cfg.model)
@@ -624,10 +648,18 @@ def validate_inputs(cfg: RunConfig) -> Run:
     run.mcls = method_class(cfg.method)
     run.mconfig = config_from_dict(run.mcls.config_class, {**defaults["section"], **run.section},
                                    section_name(cfg.method))
+    run.dtype = check_zo_precision(cfg.method, run.mconfig, run.dtype, explicit=cfg.dtype != "auto")
+    distributed.check_method(cfg.method, run.mconfig, run.ranks, cfg.candidate_shards)
+    if cfg.scale_candidates:
+        run.mconfig = distributed.scaled(cfg.method, run.mconfig, run.ranks)
     run.token = cfg.token or "sks"        # weight methods: DreamBooth's rare identifier
     run.steps = cfg.steps or defaults["steps"]
     run.guidance = cfg.guidance or (4.0 if run.embedded else 7.5)
     run.ckpt = _prepare_out(cfg)
+    if run.ranks.distributed:    # after every rank has checked the output folder, before rank 0 writes into it
+        run.device = distributed.init(run.ranks, run.device)
+        import torch.distributed as dist
+        dist.barrier()
     if cfg.init_embedding:
         from .export import load_embedding
         run.init_vectors = load_embedding(cfg.init_embedding)[1]
@@ -697,6 +729,8 @@ def build_method(run: Run) -> None:
     cfg = run.cfg
     run.objective = DenoisingObjective(run.tokenizer, run.te, run.unet, run.scheduler, run.placeholder,
                                        device=run.device, dtype=run.dtype)
+    from . import distributed
+    run.objective = distributed.sharded(run.objective, run.ranks, cfg.candidate_shards)  # this rank's candidates
     if cfg.low_memory:
         memory_mod.low_memory_objective(run.objective)
     run.method = run.mcls(run.objective, run.placeholder.init_vectors, run.mconfig)
@@ -710,10 +744,28 @@ def build_method(run: Run) -> None:
         _check_resume(run.ckpt, run.resolved, cfg.method)
 
 
+def plan_run(run: Run) -> None:
+    """The time plan: a few warm-up steps (undone: the run's trajectory is unchanged), logged; ``--max-hours``
+    refuses a run planned to take longer."""
+    from . import distributed, plan as plan_mod
+    cfg, ranks = run.cfg, run.ranks
+    run.done = run.ckpt["step"] if run.ckpt is not None else 0
+    run.plan = plan_mod.measure(run.method, run.objective, run.data, run.streams, run.placeholder, name=cfg.method,
+                                steps_left=run.steps - run.done, done=run.done, cfg=cfg, ranks=ranks.world,
+                                agree=lambda x: distributed.max_over_ranks(x, ranks, run.device))
+    if ranks.writer:
+        logger.info("%s", run.plan.text())
+    run.plan.check(cfg.max_hours)
+    run.objective.bytes_sent = 0                               # the losses all-gathered (distributed runs)
+
+
 def create_output_folder(run: Run) -> None:
-    """Write config.toml, let the method set up (DreamBooth's class images...), restore a checkpoint."""
+    """Write config.toml, let the method set up (DreamBooth's class images...), restore a checkpoint.
+    Rank 0 writes the run's folder; the other ranks write the same files into a scratch folder they drop."""
+    if not run.ranks.writer:
+        run.cfg = dataclasses.replace(run.cfg, sample_images=0)   # no sample grids off rank 0
     cfg, vae = run.cfg, run.vae
-    out = run.out = Path(cfg.out)
+    out = run.out = Path(cfg.out) if run.ranks.writer else Path(tempfile.mkdtemp(prefix="quantdream-rank"))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.toml", lambda tmp: Path(tmp).write_text(dump_toml(run.resolved)))
     logger.info("personalizing %r (init %r) with %s on %s: %d images, %d steps, %s weights, %s/%s",
@@ -745,16 +797,20 @@ def training_loop(run: Run, progress: bool, callback: Callable[[dict], None] | N
     cfg, method, data, placeholder, steps = run.cfg, run.method, run.data, run.placeholder, run.steps
     probe = MemoryProbe(run.device)
     probe.reset()
+    from . import distributed, plan as plan_mod
+    ranks = run.ranks
     bar = None
-    if progress:
+    if progress and ranks.writer:   # its ETA: the plan's model with the s/step of the steps run so far
         from tqdm import tqdm
-        bar = tqdm(total=steps, initial=run.step, desc=f"{cfg.method} {cfg.token}", dynamic_ncols=True, unit="step")
+        bar = tqdm(total=steps, initial=run.step, desc=f"{cfg.method} {cfg.token}", dynamic_ncols=True, unit="step",
+                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     pending: list[torch.Tensor] = []
     interrupted = False
+    seconds_start = run.seconds
     t0 = time.perf_counter()
     with graceful_interrupt() as stop:
         while run.step < steps:
-            if stop:
+            if distributed.any_rank(bool(stop), ranks, run.device):   # every rank stops at the same step
                 interrupted = True
                 break
             batch = data.sample(cfg.batch_size, run.streams.data, placeholder.text)
@@ -767,7 +823,9 @@ def training_loop(run: Run, progress: bool, callback: Callable[[dict], None] | N
                 pending.clear()
                 if bar is not None:
                     tail = run.losses[-20:]
-                    bar.set_postfix(loss=f"{sum(tail) / len(tail):.4f}", lr=f"{method.lr:.1e}", refresh=False)
+                    sps = (time.perf_counter() - t0 + run.seconds - seconds_start) / max(1, step - run.done)
+                    bar.set_postfix(loss=f"{sum(tail) / len(tail):.4f}", lr=f"{method.lr:.1e}",
+                                    eta=plan_mod.duration(run.plan.eta(step - run.done, sps)), refresh=False)
             if bar is not None:
                 bar.update(1)
             if callback is not None:
@@ -797,6 +855,7 @@ def training_loop(run: Run, progress: bool, callback: Callable[[dict], None] | N
 
 def export_outputs(run: Run, result: RunResult) -> None:
     """Finished: samples, plots, then the files that mark a complete run (the method's output, run.json)."""
+    from . import distributed
     cfg, out, losses, step = run.cfg, run.out, run.losses, run.step
     write_rows(run.te, run.placeholder, result.theta)
     run.grid(step)
@@ -821,9 +880,13 @@ def export_outputs(run: Run, result: RunResult) -> None:
         "device": str(run.device), "dtype": str(dtype).replace("torch.", ""), "images": len(run.data),
         "captions": str(run.captions) if run.captions is not None else f"{cfg.learnable_property} templates",
         "resolution": run.resolution, "seed": cfg.seed, "method_config": dataclasses.asdict(run.mconfig),
-        "method_info": method.summary(),
+        "method_info": method.summary(), "plan": run.plan.to_dict(), "processes": run.ranks.world,
+        "bytes_per_step": (objective.bytes_sent / max(1, step - run.done) + distributed.FLAG_BYTES
+                           if run.ranks.distributed else 0),
     }
     atomic_json(out / "run.json", result.summary)
+    if not run.ranks.writer:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @dataclass

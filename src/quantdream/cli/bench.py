@@ -18,7 +18,8 @@ Writes OUT/memory.json and OUT/memory.md.
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="benchmarks: training memory of each method (bench memory)",
+    p = subparsers.add_parser("bench", help="benchmarks: training memory of each method (bench memory), "
+                                          "finite-difference noise per dtype (bench zo-noise)",
                               description="Benchmarks that run each configuration in a fresh subprocess.")
     sub = p.add_subparsers(dest="bench", metavar="BENCH")
     m = sub.add_parser("memory", help="peak training memory, storage, s/step, UNet passes/step per method",
@@ -48,11 +49,59 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
            "methods as they come")
     a("--timeout", type=float, default=0, help="seconds per method before giving up (default: none)")
     a("--out", required=True, help="folder for memory.json and memory.md")
+    z = sub.add_parser("zo-noise", help="are ZOODiP's finite differences a signal in a dtype at a mu?",
+                       description="Correlation, over n random directions, of the finite differences "
+                                   "(L(theta + mu e) - L(theta)) / mu with the UNet in each dtype against float64 ones "
+                                   "(common random numbers: same latents, caption, t and eps), at several timesteps. "
+                                   "ZO runs refuse a dtype/mu pair whose correlation falls below 0.9.")
+    a = z.add_argument
+    a("--model", default="tiny", help="tiny (the embedded model), sd15 / sd21 (the architecture with random "
+                                      "weights) or a local diffusers folder")
+    a("--dtype", default="fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16 (default all three; fp16 on a "
+                                                "CPU without fp16 matrix kernels is ~50x slower than fp32)")
+    a("--mu", default="1e-3,1e-2,1e-1", help="comma-separated perturbation scales (default 1e-3,1e-2,1e-1)")
+    a("--n", type=int, default=16, help="random directions (default 16)")
+    a("--timesteps", default="300,600,850", help="comma-separated timesteps (default 300,600,850)")
+    a("--resolution", type=int, default=0, help="image size in px (default: the model's native size)")
+    a("--seed", type=int, default=0)
+    a("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    a("--out", help="also write the table as JSON to this file")
     p.set_defaults(_parser=p)
     return p
 
 
+def run_zo_noise(args) -> int:
+    import torch
+
+    from ..precision import NoiseSpec, zo_noise
+    try:
+        spec = NoiseSpec(model=args.model, dtypes=tuple(d.strip() for d in args.dtype.split(",") if d.strip()),
+                         mus=tuple(float(m) for m in args.mu.split(",") if m.strip()), n=args.n,
+                         timesteps=tuple(int(t) for t in args.timesteps.split(",") if t.strip()),
+                         resolution=args.resolution, seed=args.seed)
+    except ValueError as e:
+        raise ValueError(f"--mu / --timesteps must be comma-separated numbers: {e}") from None
+    if args.n < 2 or not spec.timesteps or not all(0 <= t < 1000 for t in spec.timesteps):
+        raise ValueError("--n must be >= 2 and --timesteps in 0..999")
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a folder; give a JSON file name")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = zo_noise(spec, log=lambda s: print(s, file=sys.stderr))
+    result["command"] = "quantdream bench zo-noise " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "zo-noise"]
+                                                                else [])
+    print(f"{'dtype':6} {'mu':>7} {'corr':>6}  refused")
+    for r in result["rows"]:
+        print(f"{r['dtype']:6} {r['mu']:7g} {r['correlation']:6.3f}  {'no' if r['ok'] else 'yes'}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def run(args) -> int:
+    if getattr(args, "bench", None) == "zo-noise":
+        return run_zo_noise(args)
     if getattr(args, "bench", None) != "memory":
         args._parser.print_help()
         return 2

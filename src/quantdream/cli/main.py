@@ -58,6 +58,7 @@ def add_prediction_type(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = argv          # what a launcher re-runs on each rank (personalize --nproc)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--export-a1111", dest="export_a1111", action="store_true", default=None,
       help="also write learned_embeds.pt for AUTOMATIC1111")
     a("--resume", action="store_true", default=None, help="continue the interrupted run in --out")
+    # ---- time: the plan, a limit, processes
+    a("--dry-run", dest="dry_run", action="store_true", default=None,
+      help="measure a few warm-up steps, print the time plan (UNet passes, s/pass, ETA, peak memory) and stop; "
+           "nothing is written")
+    a("--max-hours", dest="max_hours", type=float,
+      help="refuse a run whose planned time exceeds H hours (the plan is measured before step 0)")
+    a("--nproc", type=int, default=1,
+      help="zoodip, zoodip-fast, gf-ti: split each step's candidates over K local processes (torchrun with "
+           "--nproc-per-node K -m quantdream personalize ... for several machines); same token as one process")
     a("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
       help="any setting, e.g. zoodip.n=4, zoodip.sg=false, ti.puts=true, sample_prompts='[\"a {}\"]'")
     return p
@@ -87,7 +97,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 FLAGS = ("images", "token", "init_word", "out", "model", "method", "weights", "acts", "steps", "seed", "device", "dtype",
          "num_vectors", "batch_size", "captions", "learnable_property", "init_embedding", "sample_every",
-         "checkpoint_every", "threads", "low_memory", "export_a1111", "resume")
+         "checkpoint_every", "threads", "low_memory", "export_a1111", "resume", "dry_run", "max_hours")
 
 
 def config_from_args(args):
@@ -119,7 +129,16 @@ def config_from_args(args):
 def run(args) -> int:
     from ..train import personalize
     cfg = config_from_args(args)
+    if args.nproc != 1:
+        return _launch(args, cfg)
+    rank0 = os.environ.get("RANK", "0") == "0"     # under torchrun / --nproc, rank 0 speaks for all
+    if not rank0:
+        logging.getLogger().setLevel(logging.WARNING)
     result = personalize(cfg, progress=True)
+    if not rank0:
+        return 0 if result.completed or cfg.dry_run else 130
+    if cfg.dry_run:      # the plan was logged; nothing was written
+        return 0
     if not result.completed:
         print(f"interrupted at step {result.step}; continue with the same command plus --resume", file=sys.stderr)
         return 130
@@ -127,3 +146,17 @@ def run(args) -> int:
     print(f"{cfg.method}: {s['prompt_text']!r} in {s['steps']} steps ({s['unet_forward_passes']} UNet forward passes, "
           f"{s['seconds']:.0f} s): {', '.join(f'{cfg.out}/{o}' for o in s['outputs'])}")
     return 0
+
+
+def _launch(args, cfg) -> int:
+    """--nproc K: the same command on K local ranks (torch.distributed.run), checked here first."""
+    from ..distributed import DISTRIBUTED_METHODS, launch
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if cfg.method not in DISTRIBUTED_METHODS:
+        raise ValueError(f"--nproc {args.nproc}: --method {cfg.method} backpropagates and runs in one process; "
+                         f"use one of {', '.join(DISTRIBUTED_METHODS)}")
+    argv = list(getattr(args, "_argv", None) or sys.argv[1:])
+    i = argv.index("--nproc") if "--nproc" in argv else None
+    argv = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--nproc=")]
+    return launch(args.nproc, argv)
