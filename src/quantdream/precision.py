@@ -92,12 +92,12 @@ def _components(spec: NoiseSpec) -> dict:
 def _float64_losses():
     """The reference's MSE in float64 (the objective's is float32, which would round the differences)."""
     from .methods import base
-    old = base.epsilon_mse
-    base.epsilon_mse = lambda pred, eps: (pred.double() - eps.double()).pow(2).flatten(1).mean(1)
+    old = base.denoising_mse
+    base.denoising_mse = lambda pred, target: (pred.double() - target.double()).pow(2).flatten(1).mean(1)
     try:
         yield
     finally:
-        base.epsilon_mse = old
+        base.denoising_mse = old
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -58,7 +58,8 @@ def resolve_model(model: str | Path) -> Path:
     if is_quantized_folder(p):
         from ..quant.io import check_architecture, read_index
         read_index(p)                                   # format / version checks, clear errors
-        check_architecture(p, PACKAGE_MODEL_DIR)        # one model, the one it says it was made from
+        for embedded in EMBEDDED_MODELS.values():       # one model, the one it says it was made from
+            check_architecture(p, embedded)
         return p
     if p.is_dir() and not (p / "model_index.json").is_file():
         found = sorted(x.name for x in p.iterdir())[:10]
