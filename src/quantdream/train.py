@@ -40,8 +40,7 @@ from .checkpoint import atomic_json, atomic_write, graceful_interrupt, load_chec
 from .data.dataset import SubjectImages, list_images, load_caption_file
 from .methods import METHODS, method_class, section_name
 from .methods.base import (DenoisingObjective, Placeholder, RunResult, Streams, add_placeholder,
-                           check_placeholder, config_from_dict, identifier_placeholder, preview_generator,
-                           write_rows)
+                           check_placeholder, config_from_dict, identifier_placeholder, preview_generator)
 
 logger = logging.getLogger(__name__)
 
@@ -222,13 +221,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def check_model(model: str) -> tuple[Path, bool]:
-    """(resolved path, is the embedded model); refuses what cannot be trained yet, before loading."""
+def check_model(model: str, method: str = "") -> tuple[Path, bool]:
+    """(resolved path, is the embedded model); refuses what cannot be trained yet, before loading.
+    SDXL folders take the methods of ``models.sdxl.SDXL_METHODS`` (``method`` "" : none)."""
     from .models.load import is_tiny, pipeline_class, resolve_model
     path = resolve_model(model)
     if pipeline_class(path).__name__ != "StableDiffusionPipeline":
-        raise ValueError(f"--model {model!r} is an SDXL pipeline (two text encoders); personalizing SDXL is not "
-                         f"supported yet: use an SD-1.x/2.x model")
+        from .models.sdxl import SDXL_METHODS, check_method
+        if not method:
+            raise ValueError(f"--model {model!r} is an SDXL pipeline: this command supports SD-1.x/2.x models "
+                             f"(`quantdream personalize` trains SDXL with {', '.join(SDXL_METHODS)})")
+        check_method(method, model)
     return path, is_tiny(path)
 
 
@@ -246,14 +249,16 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, defer_
         pipe = load_quantized_pipeline(path, str(device), dtype, skip=("unet",), narrow_embeddings=True)
         unet_config = FrozenDict(json.loads((path / "unet" / "config.json").read_text()))
         load_unet = lambda: load_quantized_pipeline(path, str(device), dtype,  # noqa: E731
-                                                    skip=("tokenizer", "text_encoder", "vae", "scheduler")).unet
+                                                    skip=("tokenizer", "text_encoder", "tokenizer_2",
+                                                          "text_encoder_2", "vae", "scheduler")).unet
     else:
         pipe = load_pipeline(model, device=str(device), dtype=dtype)
         unet_config, load_unet = pipe.unet.config, None
     # training always uses the DDPM forward process, whatever sampler the folder ships
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
-                scheduler=scheduler, unet_config=unet_config, load_unet=load_unet)
+                scheduler=scheduler, unet_config=unet_config, load_unet=load_unet,
+                tokenizer_2=getattr(pipe, "tokenizer_2", None), text_encoder_2=getattr(pipe, "text_encoder_2", None))
 
 
 def folder_weights(path: Path, cfg: RunConfig, mcls) -> tuple[str, int | None]:
@@ -326,9 +331,10 @@ def sample_grid(objective: DenoisingObjective, vae, scheduler_config, theta: tor
     gen = preview_generator(seed)
     z = torch.randn((N, *latent_shape), generator=gen).to(objective.device, objective.dtype)
     cond = objective.encode_text(theta.detach()[None], captions)                  # (N, L, d)
-    uncond = objective.encode_text(theta.detach()[None], [""] * N)
+    uncond = objective.unconditional(theta.detach()[None], N)
+    both = objective.cat_cond([cond, uncond])
     for t in sch.timesteps:
-        eps = objective.unet(torch.cat([z, z]), t.to(objective.device), torch.cat([cond, uncond])).sample
+        eps = objective.denoise(torch.cat([z, z]), t.to(objective.device).expand(2 * N), both)
         e_c, e_u = eps.chunk(2)
         z = sch.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
     x = vae.decode((z / scaling).to(next(vae.parameters()).dtype)).sample.float().clamp(-1, 1).cpu()
@@ -458,7 +464,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
     from .models.load import pick_device
     device = torch.device(pick_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
-    model_path, embedded = check_model(cfg.model)
+    model_path, embedded = check_model(cfg.model, cfg.method)
     from .models.load import is_quantized_folder
     quantized_folder = is_quantized_folder(model_path)
     defaults = (EMBEDDED_DEFAULTS if embedded else SD_DEFAULTS)[cfg.method]
@@ -479,11 +485,19 @@ def personalize(cfg: RunConfig, progress: bool = False,
     comps = load_components(cfg.model, device, dtype, defer_unet=quantized_folder)
     tokenizer, te, vae, unet, scheduler = (comps[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
     ucfg = comps["unet_config"]
-    width = te.get_input_embeddings().weight.shape[1]
+    from .models import sdxl
+    xl = sdxl.is_sdxl(comps)          # SDXL: theta = [clip_l | clip_g], both text encoders (models/sdxl.py)
+    tok2, te2 = comps["tokenizer_2"], comps["text_encoder_2"]
+    width = sum(sdxl.widths(te, te2)) if xl else te.get_input_embeddings().weight.shape[1]
     if ucfg.cross_attention_dim != width:
         raise ValueError(f"model {cfg.model!r}: text encoder width {width} does not match the UNet's "
                          f"cross-attention width {ucfg.cross_attention_dim}")
-    if mcls.kind == "token":
+    if xl and cfg.acts:
+        raise ValueError(f"--acts {cfg.acts} (calibrated activations) is not supported on SDXL models yet")
+    if mcls.kind == "token" and xl:
+        sdxl.check_sdxl_placeholder(tokenizer, te, tok2, te2, cfg.token, cfg.init_word, cfg.num_vectors,
+                                    init_vectors)
+    elif mcls.kind == "token":
         check_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or ucfg.sample_size * vae_scale
@@ -497,11 +511,18 @@ def personalize(cfg: RunConfig, progress: bool = False,
 
     data = make_data(images_dir)
     # ---- inputs validated: build the frozen model
-    if mcls.kind == "token":
+    if mcls.kind == "token" and xl:
+        placeholder = sdxl.add_sdxl_placeholder(tokenizer, te, tok2, te2, cfg.token, cfg.init_word, cfg.num_vectors,
+                                                init_vectors)
+    elif mcls.kind == "token":
         placeholder = add_placeholder(tokenizer, te, cfg.token, cfg.init_word, cfg.num_vectors, init_vectors)
+    elif xl:
+        placeholder = sdxl.identifier_placeholder_sdxl(token, cfg.init_word, sdxl.widths(te, te2))
     else:
         placeholder = identifier_placeholder(token, cfg.init_word, width)
     te.requires_grad_(False).eval()
+    if xl:
+        te2.requires_grad_(False).eval()
     vae.requires_grad_(False).eval()
     scaling = float(vae.config.scaling_factor)
     if quantized_folder:  # the photos are encoded before the UNet is loaded: their activations never meet it
@@ -518,13 +539,19 @@ def personalize(cfg: RunConfig, progress: bool = False,
                                     num_inference_steps=25, guidance_scale=guidance, vae_scale_factor=vae_scale,
                                     seed=cfg.seed)
     mcls.prepare_model(te, vae, unet, weights, mconfig)
+    if xl:
+        sdxl.prepare_text_encoder_2(mcls, te2, weights, mconfig)
     if calib is not None:
         from .quant import calibrate_activations
         calibrate_activations(unet, calib, bits=cfg.acts)
         del calib
     if not quantized_folder:
         data.encode(vae, scaling, device=device, dtype=dtype)
-    objective = DenoisingObjective(tokenizer, te, unet, scheduler, placeholder, device=device, dtype=dtype)
+    if xl:
+        objective = sdxl.SDXLObjective(tokenizer, te, tok2, te2, unet, scheduler, placeholder, resolution,
+                                       device=device, dtype=dtype)
+    else:
+        objective = DenoisingObjective(tokenizer, te, unet, scheduler, placeholder, device=device, dtype=dtype)
     if cfg.low_memory:
         memory_mod.low_memory_objective(objective)
     method = mcls(objective, placeholder.init_vectors, mconfig)
@@ -627,7 +654,7 @@ def personalize(cfg: RunConfig, progress: bool = False,
         return result
 
     # ---- finished: samples, plots, then the files that mark a complete run
-    write_rows(te, placeholder, theta)
+    objective.write_rows(theta)
     grid(step)
     plot_losses(out / "loss.png", losses, f"{cfg.method} {placeholder.text} ({weights})")
     atomic_json(out / "losses.json", losses)

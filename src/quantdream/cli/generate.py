@@ -15,7 +15,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="`tiny` (embedded model, default), a local diffusers folder / .safetensors, "
                                                         "or a quantized folder from `quantdream quantize`")
     p.add_argument("--embedding", action="append", default=[],
-                   help="learned_embeds.safetensors (or A1111 .pt) to load with diffusers' load_textual_inversion; repeatable")
+                   help="learned_embeds.safetensors (or A1111 .pt; on SDXL a clip_l/clip_g file) to load with diffusers' "
+                        "load_textual_inversion; repeatable")
     p.add_argument("--adapter", action="append", default=[],
                    help="a `quantdream personalize` output folder or file of any method: LoRA "
                         "(pytorch_lora_weights.safetensors), DreamBooth unet/, PEQA/TuneQDM scales.safetensors "
@@ -53,10 +54,9 @@ def run(args) -> int:
     steps, guidance = SAMPLING_DEFAULTS["tiny" if is_tiny(path) else "sd"]
     pipe = load_pipeline(path, device=pick_device(args.device))
     tokens = []
-    for e in args.embedding:
-        before = len(pipe.tokenizer)
-        pipe.load_textual_inversion(e)
-        tokens += pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer))))
+    from ..models.sdxl import load_into_pipeline
+    for e in args.embedding:        # SDXL files (clip_l + clip_g): once per text encoder
+        tokens += load_into_pipeline(pipe, e)
     from ..methods.adapters import apply_adapter
     for a in args.adapter:
         info = apply_adapter(pipe, a)

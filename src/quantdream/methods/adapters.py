@@ -73,9 +73,8 @@ def apply_adapter(pipe, path: str | Path) -> dict:
     kind, target, info = detect(path)
     out = {"kind": kind, "prompt_text": info.get("prompt_text", ""), "tokens": []}
     if kind == "embedding":
-        before = len(pipe.tokenizer)
-        pipe.load_textual_inversion(str(target))
-        out["tokens"] = pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer))))
+        from ..models.sdxl import load_into_pipeline
+        out["tokens"] = load_into_pipeline(pipe, target)
         out["prompt_text"] = out["prompt_text"] or (out["tokens"][0] if out["tokens"] else "")
     elif kind == "lora":
         pipe.load_lora_weights(str(target.parent if target.is_file() else target),
