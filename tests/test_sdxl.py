@@ -149,3 +149,31 @@ def test_sdxl_init_embedding_of_other_width_is_refused(sdxl_model, photos, tmp_p
     with pytest.raises(ValueError, match=r"needs \(1, 80\): clip_l 32 \+ clip_g 48"):
         personalize(cfg(sdxl_model, photos, tmp_path / "run", init_embedding=str(emb)))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,weights,files", [
+    ("zoodip-fast", "int8", ["learned_embeds.safetensors"]), ("gf-ti", "int8", ["learned_embeds.safetensors"]),
+    ("lora", "none", ["pytorch_lora_weights.safetensors"]), ("peqa", "int8", ["scales.safetensors"])])
+def test_sdxl_other_methods_run(sdxl_model, photos, tmp_path, method, weights, files):
+    out = tmp_path / "run"
+    extra = {"gf_ti": {"popsize": 4, "dim": 8}} if method == "gf-ti" else {}
+    token = {"token": ""} if method in ("lora", "peqa") else {}
+    personalize(cfg(sdxl_model, photos, out, method=method, weights=weights, steps=2, **extra, **token))
+    run = json.loads((out / "run.json").read_text())
+    assert run["steps"] == 2 and all(f in run["outputs"] for f in files)
+    if method == "lora":      # stock SDXL pipeline loads the LoRA file
+        pipe = stock(sdxl_model)
+        pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+
+
+@pytest.mark.slow
+def test_sdxl_quantized_folder_trains_zoodip(sdxl_model, photos, tmp_path):
+    """`quantdream quantize` on an SDXL folder, then personalize on it (both text encoders from the folder)."""
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", str(sdxl_model), "--weights", "int8", "--out", str(q)]) == 0
+    out = tmp_path / "run"
+    result = personalize(cfg(q, photos, out, method="zoodip", steps=2, weights="auto"))
+    sd = load_file(str(out / "learned_embeds.safetensors"))
+    assert torch.equal(torch.cat([sd["clip_l"], sd["clip_g"]], -1), result.theta)
+    assert json.loads((out / "run.json").read_text())["weights"] == "int8"
