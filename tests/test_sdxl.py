@@ -122,11 +122,18 @@ def test_sdxl_token_loads_in_stock_pipeline_for_both_encoders(sdxl_model, photos
 def test_sdxl_zoodip_directions_span_both_encoders(sdxl_model, photos, tmp_path):
     """ZOODiP's RGE runs over d = 32 + 48 (the normalisation's d) and moves both parts; generate loads it."""
     out = tmp_path / "run"
-    result = personalize(cfg(sdxl_model, photos, out, method="zoodip", weights="none", steps=2))
+    seen = []
+    result = personalize(cfg(sdxl_model, photos, out, method="zoodip", weights="none", steps=2),
+                         callback=lambda s: seen.append((s["method"].d_eff, s["method"].estimator.divisor(80))))
     info = json.loads((out / "run.json").read_text())
     assert info["unet_forward_passes"] == 2 * 3                 # n = 2 directions + the clean token
+    assert seen[0] == (80, pytest.approx(((80 + 1) / 2) ** 0.5))  # the code's sqrt((d_eff + n - 1) / n), d = 32 + 48
     delta = result.theta - result.placeholder.init_vectors
     assert delta[:, :32].abs().sum() > 0 and delta[:, 32:].abs().sum() > 0
+    # an SDXL embedding starts another run (--init-embedding): both parts land in their tables
+    again = personalize(cfg(sdxl_model, photos, tmp_path / "again", method="ti", weights="none", steps=1,
+                            init_embedding=str(out / "learned_embeds.safetensors")))
+    assert torch.equal(again.placeholder.init_vectors, result.theta)
     gen = tmp_path / "gen"
     rc = main(["generate", f"a photo of {TOKEN}", "--model", str(sdxl_model), "--embedding",
                str(out / "learned_embeds.safetensors"), "-n", "1", "--steps", "2", "--out", str(gen)])
