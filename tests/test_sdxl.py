@@ -134,6 +134,14 @@ def test_sdxl_zoodip_directions_span_both_encoders(sdxl_model, photos, tmp_path)
     again = personalize(cfg(sdxl_model, photos, tmp_path / "again", method="ti", weights="none", steps=1,
                             init_embedding=str(out / "learned_embeds.safetensors")))
     assert torch.equal(again.placeholder.init_vectors, result.theta)
+    from quantdream.export import save_diffusers
+    from quantdream.models.sdxl import load_into_pipeline
+    pipe = stock(sdxl_model)
+    assert load_into_pipeline(pipe, out) == [TOKEN]             # the token from the file's metadata
+    assert torch.equal(pipe.text_encoder_2.get_input_embeddings().weight[-1], result.theta[0, 32:])
+    one = save_diffusers(tmp_path / "one.safetensors", "<x>", torch.zeros(1, 32))
+    with pytest.raises(ValueError, match="one-encoder embedding .* needs an SDXL embedding"):
+        load_into_pipeline(pipe, one)
     gen = tmp_path / "gen"
     rc = main(["generate", f"a photo of {TOKEN}", "--model", str(sdxl_model), "--embedding",
                str(out / "learned_embeds.safetensors"), "-n", "1", "--steps", "2", "--out", str(gen)])
