@@ -436,7 +436,8 @@ def measure_in_process(spec: BenchSpec) -> dict:
     row = _base_row(spec, weights)
     if spec.arch not in bm.archs:
         return {**row, "status": "not implemented",
-                "note": f"{spec.method} on {spec.arch} is not supported yet ({spec.method} runs on {', '.join(bm.archs)})"}
+                "note": f"{spec.method} on {spec.arch} is not supported yet "
+                        f"({spec.method} runs on {', '.join(bm.archs)})"}
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if spec.low_memory:

@@ -115,7 +115,8 @@ class XLCond:
 
 
 def time_ids(resolution: int) -> list[int]:
-    """StableDiffusionXLPipeline._get_add_time_ids at its defaults: original_size + crops_coords_top_left + target_size."""
+    """StableDiffusionXLPipeline._get_add_time_ids at its defaults:
+    original_size + crops_coords_top_left + target_size."""
     return [resolution, resolution, 0, 0, resolution, resolution]
 
 
