@@ -192,3 +192,15 @@ def test_sdxl_quantized_folder_trains_zoodip(sdxl_model, photos, tmp_path):
     sd = load_file(str(out / "learned_embeds.safetensors"))
     assert torch.equal(torch.cat([sd["clip_l"], sd["clip_g"]], -1), result.theta)
     assert json.loads((out / "run.json").read_text())["weights"] == "int8"
+
+
+@pytest.mark.slow
+def test_sdxl_low_memory_mode_gives_the_same_token(sdxl_model, photos, tmp_path):
+    """--low-memory (one UNet row a call, lean up blocks, chunked feed-forwards) on SDXL's UNet: same result
+    up to float rounding."""
+    a = personalize(cfg(sdxl_model, photos, tmp_path / "a", method="zoodip", weights="int8", steps=2,
+                        sample_images=0))
+    b = personalize(cfg(sdxl_model, photos, tmp_path / "b", method="zoodip", weights="int8", steps=2,
+                        sample_images=0, low_memory=True))
+    torch.testing.assert_close(a.theta, b.theta, rtol=1e-4, atol=1e-4)
+    assert a.losses == pytest.approx(b.losses, rel=1e-4)
