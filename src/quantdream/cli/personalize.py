@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--token", help='the new token to learn, e.g. "<my-bag>" (must not be a word the model knows)')
     a("--init-word", dest="init_word", help="one-token class word to start from, e.g. bag")
     a("--out", help="output folder (new or empty; with --resume, the interrupted run's folder)")
-    a("--model", help="'tiny' (the embedded model, default), a local Stable Diffusion (SD-1.x/2.x/SDXL) diffusers folder, or a "
+    a("--model", help="'tiny' (the embedded model, default), a local Stable Diffusion diffusers folder, or a "
                        "quantized folder written by `quantdream quantize` (its bit width then fixes --weights)")
     from ..methods import METHODS
     a("--method", choices=list(METHODS),
