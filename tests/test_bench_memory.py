@@ -61,14 +61,15 @@ def test_every_method_is_measurable():
         bm = _implemented(name)
         assert isinstance(bm, BenchMethod) and bm.name == name and bm.prepare is not None
         assert bm.default_weights == method_class(name).default_weights
-        assert "sdxl" not in bm.archs and "sd15" in bm.archs
+        from quantdream.models.sdxl import SDXL_METHODS
+        assert ("sdxl" in bm.archs) == (name in SDXL_METHODS) and "sd15" in bm.archs
     assert {n: _implemented(n).default_weights for n in ("dreambooth", "lora", "qlora", "peqa", "tuneqdm")} == \
         {"dreambooth": "none", "lora": "none", "qlora": "nf4", "peqa": "int8", "tuneqdm": "int8"}
     assert _implemented("not-a-method") is None
 
 
 def test_sdxl_rows_say_not_implemented():
-    row = measure_in_process(BenchSpec(arch="sdxl", method="peqa"))
+    row = measure_in_process(BenchSpec(arch="sdxl", method="tuneqdm"))
     assert row["status"] == "not implemented" and row["weights"] == "int8" and "sdxl" in row["note"]
 
 

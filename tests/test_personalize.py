@@ -235,8 +235,8 @@ def test_sdxl_and_non_models_are_refused_clearly(photos, tmp_path):
     sdxl = tmp_path / "sdxl"
     sdxl.mkdir()
     (sdxl / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    with pytest.raises(ValueError, match="SDXL pipeline .* not supported yet"):
-        personalize(cfg(sdxl, photos, tmp_path / "out"))
+    with pytest.raises(ValueError, match="does not run on SDXL models .* zoodip, zoodip-fast, ti, gf-ti, lora, peqa"):
+        personalize(cfg(sdxl, photos, tmp_path / "out", method="dreambooth"))
     other = tmp_path / "model.txt"
     other.write_text("x")
     with pytest.raises(ValueError, match="not a Stable Diffusion checkpoint"):

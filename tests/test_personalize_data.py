@@ -8,7 +8,7 @@ from PIL import Image
 
 from quantdream.data.dataset import SubjectImages, list_images, load_caption_file
 from quantdream.data.templates import OBJECT_TEMPLATES, STYLE_TEMPLATES
-from quantdream.export import load_embedding, save_a1111, save_diffusers, save_sdxl
+from quantdream.export import load_embedding, save_a1111, save_diffusers
 
 
 @pytest.fixture(autouse=True)
@@ -128,13 +128,11 @@ def test_diffusers_and_a1111_round_trip(tmp_path):
 
 
 def test_export_errors(tmp_path):
-    with pytest.raises(ValueError, match="SDXL .* not supported yet"):
-        save_sdxl(tmp_path, "<t>", torch.zeros(1, 768), torch.zeros(1, 1280))
     with pytest.raises(ValueError, match=r"must be \[num_vectors, dim\]"):
         save_diffusers(tmp_path, "<t>", torch.zeros(1, 2, 3))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_embedding(tmp_path / "none.safetensors")
     from safetensors.torch import save_file
-    save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(tmp_path / "xl.safetensors"))
-    with pytest.raises(ValueError, match="SDXL embedding"):
-        load_embedding(tmp_path / "xl.safetensors")
+    save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.ones(1, 1280)}, str(tmp_path / "xl.safetensors"))
+    tok, rows = load_embedding(tmp_path / "xl.safetensors")        # SDXL: [clip_l | clip_g]
+    assert tok is None and rows.shape == (1, 2048) and rows[0, 767] == 0 and rows[0, 768] == 1

@@ -3,9 +3,11 @@
     diffusers  learned_embeds.safetensors   {token: float32 [num_vectors, d]}   (pipe.load_textual_inversion)
     A1111      <name>.pt                     {"string_to_token": {"*": 265}, "string_to_param": {"*": [n, d]},
                                               "name": token, "step": step}
-    SDXL       learned_embeds.safetensors (768) + learned_embeds_2.safetensors (1280): not yet supported
+    SDXL       learned_embeds.safetensors    {"clip_l": [n, 768], "clip_g": [n, 1280]}, metadata token
+                                             (A1111 / ComfyUI / kohya; written by models.sdxl.save_sdxl)
 
-``load_embedding`` reads all three formats back (plus kohya's {"emb_params": [n, d]}).
+``load_embedding`` reads all four formats back (plus kohya's {"emb_params": [n, d]}); an SDXL file comes back
+as [n, 768 + 1280], clip_l first.
 """
 from __future__ import annotations
 
@@ -47,11 +49,6 @@ def save_a1111(path: str | Path, token: str, theta: torch.Tensor, step: int = 0)
     return path
 
 
-def save_sdxl(path: str | Path, token: str, theta_l: torch.Tensor, theta_g: torch.Tensor) -> Path:
-    raise ValueError("SDXL (two text encoders, two embedding files) is not supported yet; "
-                     "use an SD-1.x or SD-2.x model")
-
-
 def load_embedding(path: str | Path) -> tuple[str | None, torch.Tensor]:
     """(token or None, [num_vectors, d]) from a diffusers, A1111 or kohya file."""
     path = Path(path)
@@ -70,8 +67,8 @@ def load_embedding(path: str | Path) -> tuple[str | None, torch.Tensor]:
         return state.get("name"), _rows(state["string_to_param"]["*"])
     if "emb_params" in state:
         return None, _rows(state["emb_params"])
-    if "clip_l" in state or "clip_g" in state:
-        raise ValueError(f"{str(path)!r} is an SDXL embedding (clip_l/clip_g); SDXL is not supported yet")
+    if "clip_l" in state and "clip_g" in state:   # SDXL: theta = [clip_l | clip_g] (models/sdxl.py)
+        return None, torch.cat([_rows(state["clip_l"]), _rows(state["clip_g"])], -1)
     if len(state) == 1:
         token, rows = next(iter(state.items()))
         return token, _rows(rows)

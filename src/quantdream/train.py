@@ -43,8 +43,7 @@ from .checkpoint import (atomic_json, atomic_write, check_writable, graceful_int
 from .data.dataset import SubjectImages, list_images, load_caption_file
 from .methods import METHODS, method_class, section_name
 from .methods.base import (DenoisingObjective, Placeholder, RunResult, Streams, add_placeholder,
-                           check_placeholder, config_from_dict, identifier_placeholder, preview_generator,
-                           write_rows)
+                           check_placeholder, config_from_dict, identifier_placeholder, preview_generator)
 
 logger = logging.getLogger(__name__)
 
@@ -229,13 +228,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def check_model(model: str) -> tuple[Path, bool]:
-    """(resolved path, is the embedded model); refuses what cannot be trained yet, before loading."""
+def check_model(model: str, method: str = "") -> tuple[Path, bool]:
+    """(resolved path, is the embedded model); refuses what cannot be trained yet, before loading.
+    SDXL folders take the methods of ``models.sdxl.SDXL_METHODS`` (``method`` "" : none)."""
     from .models.load import is_tiny, pipeline_class, resolve_model
     path = resolve_model(model)
     if pipeline_class(path).__name__ != "StableDiffusionPipeline":
-        raise ValueError(f"--model {model!r} is an SDXL pipeline (two text encoders); personalizing SDXL is not "
-                         f"supported yet: use an SD-1.x/2.x model")
+        from .models.sdxl import SDXL_METHODS, check_method
+        if not method:
+            raise ValueError(f"--model {model!r} is an SDXL pipeline: this command supports SD-1.x/2.x models "
+                             f"(`quantdream personalize` trains SDXL with {', '.join(SDXL_METHODS)})")
+        check_method(method, model)
     return path, is_tiny(path)
 
 
@@ -253,14 +256,16 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype, defer_
         pipe = load_quantized_pipeline(path, str(device), dtype, skip=("unet",), narrow_embeddings=True)
         unet_config = FrozenDict(json.loads((path / "unet" / "config.json").read_text()))
         load_unet = lambda: load_quantized_pipeline(path, str(device), dtype,  # noqa: E731
-                                                    skip=("tokenizer", "text_encoder", "vae", "scheduler")).unet
+                                                    skip=("tokenizer", "text_encoder", "tokenizer_2",
+                                                          "text_encoder_2", "vae", "scheduler")).unet
     else:
         pipe = load_pipeline(model, device=str(device), dtype=dtype)
         unet_config, load_unet = pipe.unet.config, None
     # training always uses the DDPM forward process, whatever sampler the folder ships
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet,
-                scheduler=scheduler, unet_config=unet_config, load_unet=load_unet)
+                scheduler=scheduler, unet_config=unet_config, load_unet=load_unet,
+                tokenizer_2=getattr(pipe, "tokenizer_2", None), text_encoder_2=getattr(pipe, "text_encoder_2", None))
 
 
 def folder_weights(path: Path, cfg: RunConfig, mcls) -> tuple[str, int | None]:
@@ -335,29 +340,27 @@ def sample_grid(objective: DenoisingObjective, vae, scheduler_config, theta: tor
     gen = preview_generator(seed)
     z = torch.randn((N, *latent_shape), generator=gen).to(objective.device, objective.dtype)
     cond = objective.encode_text(theta.detach()[None], captions)                  # (N, L, d)
-    uncond = objective.encode_text(theta.detach()[None], [""] * N)
+    uncond = objective.unconditional(theta.detach()[None], N)
     groups = [slice(i, i + 1) for i in range(N)] if one_at_a_time else [slice(0, N)]
-    per_call = objective.unet_batch if objective.unet_batch > 0 else 2 * N
     tile = GRID_DECODE_TILE if one_at_a_time else 0
-    x = torch.cat([_denoise_decode(objective.unet, vae, scheduler_config, z[g], cond[g], uncond[g], steps,
-                                   guidance, scaling, per_call, tile) for g in groups])
+    x = torch.cat([_denoise_decode(objective, vae, scheduler_config, z[g], cond[g], uncond[g], steps, guidance,
+                                   scaling, tile) for g in groups])
     x = ((x + 1) * 127.5).round().to(torch.uint8)                                    # (N, 3, H, W)
     rows = x.view(len(prompts), per_prompt, *x.shape[1:])
     return torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1).permute(1, 2, 0)
 
 
-def _denoise_decode(unet, vae, scheduler_config, z, cond, uncond, steps: int, guidance: float, scaling: float,
-                    rows: int, tile: int = 0) -> torch.Tensor:
+def _denoise_decode(objective, vae, scheduler_config, z, cond, uncond, steps: int, guidance: float, scaling: float,
+                    tile: int = 0) -> torch.Tensor:
     """DDIM with classifier-free guidance from latents z (n, ...), then decode: (n, 3, H, W) in [-1, 1] on
-    the CPU. At most ``rows`` UNet rows per call; ``tile`` > 0: decode in tiles of that many pixels."""
+    the CPU. The objective's UNet call (its row cap; SDXL's extra conditioning); ``tile`` > 0: decode in tiles
+    of that many pixels."""
     from diffusers import DDIMScheduler
     sch = DDIMScheduler.from_config(scheduler_config)
     sch.set_timesteps(steps)
-    cc = torch.cat([cond, uncond])
+    cc = objective.cat_cond([cond, uncond])
     for t in sch.timesteps:
-        zz = torch.cat([z, z])
-        eps = torch.cat([unet(zz[i:i + rows], t.to(z.device), cc[i:i + rows]).sample
-                         for i in range(0, zz.shape[0], rows)])
+        eps = objective.denoise(torch.cat([z, z]), t.to(z.device).expand(2 * z.shape[0]), cc)
         e_c, e_u = eps.chunk(2)
         z = sch.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
     return _decode(vae, (z / scaling).to(next(vae.parameters()).dtype), tile).float().clamp(-1, 1).cpu()
@@ -566,6 +569,9 @@ class Run:
     vae_scale: int = 1
     resolution: int = 0
     scaling: float = 1.0
+    xl: bool = False                # SDXL: two text encoders (models/sdxl.py)
+    tokenizer_2: Any = None
+    te2: Any = None
     data: SubjectImages | None = None
     placeholder: Placeholder | None = None
     # build_method
@@ -638,7 +644,7 @@ def validate_inputs(cfg: RunConfig) -> Run:
     run.ranks = distributed.launched()
     run.device = torch.device(pick_device(cfg.device))
     run.dtype = resolve_dtype(cfg.dtype, run.device)
-    run.model_path, run.embedded = check_model(cfg.model)
+    run.model_path, run.embedded = check_model(cfg.model, cfg.method)
     if run.embedded:
         from .data.world_check import warn_if_not_world
         warn_if_not_world(paths, str(run.images_dir))
@@ -677,11 +683,19 @@ def load_frozen_model(run: Run) -> None:
     run.tokenizer, run.te, run.vae, run.unet, run.scheduler = (
         comps[k] for k in ("tokenizer", "text_encoder", "vae", "unet", "scheduler"))
     ucfg = comps["unet_config"]
-    run.width = run.te.get_input_embeddings().weight.shape[1]
+    from .models import sdxl
+    xl = run.xl = sdxl.is_sdxl(comps)   # SDXL: theta = [clip_l | clip_g], both text encoders (models/sdxl.py)
+    tok2, te2 = run.tokenizer_2, run.te2 = comps["tokenizer_2"], comps["text_encoder_2"]
+    run.width = sum(sdxl.widths(run.te, te2)) if xl else run.te.get_input_embeddings().weight.shape[1]
     if ucfg.cross_attention_dim != run.width:
         raise ValueError(f"model {cfg.model!r}: text encoder width {run.width} does not match the UNet's "
                          f"cross-attention width {ucfg.cross_attention_dim}")
-    if mcls.kind == "token":
+    if xl and cfg.acts:
+        raise ValueError(f"--acts {cfg.acts} (calibrated activations) is not supported on SDXL models yet")
+    if mcls.kind == "token" and xl:
+        sdxl.check_sdxl_placeholder(run.tokenizer, run.te, tok2, te2, cfg.token, cfg.init_word, cfg.num_vectors,
+                                    run.init_vectors)
+    elif mcls.kind == "token":
         check_placeholder(run.tokenizer, run.te, cfg.token, cfg.init_word, cfg.num_vectors, run.init_vectors)
     run.vae_scale = 2 ** (len(run.vae.config.block_out_channels) - 1)
     run.resolution = cfg.resolution or ucfg.sample_size * run.vae_scale
@@ -690,12 +704,19 @@ def load_frozen_model(run: Run) -> None:
                          f"autoencoder")
     run.data = run.make_data(run.images_dir)
     # ---- inputs validated: build the frozen model
-    if mcls.kind == "token":
+    if mcls.kind == "token" and xl:
+        run.placeholder = sdxl.add_sdxl_placeholder(run.tokenizer, run.te, tok2, te2, cfg.token, cfg.init_word,
+                                                    cfg.num_vectors, run.init_vectors)
+    elif mcls.kind == "token":
         run.placeholder = add_placeholder(run.tokenizer, run.te, cfg.token, cfg.init_word, cfg.num_vectors,
                                           run.init_vectors)
+    elif xl:
+        run.placeholder = sdxl.identifier_placeholder_sdxl(run.token, cfg.init_word, sdxl.widths(run.te, te2))
     else:
         run.placeholder = identifier_placeholder(run.token, cfg.init_word, run.width)
     run.te.requires_grad_(False).eval()
+    if xl:
+        te2.requires_grad_(False).eval()
     run.vae.requires_grad_(False).eval()
     run.scaling = float(run.vae.config.scaling_factor)
     if run.quantized_folder:  # the photos are encoded before the UNet is loaded: their activations never meet it
@@ -712,6 +733,9 @@ def load_frozen_model(run: Run) -> None:
                                     num_inference_steps=25, guidance_scale=run.guidance,
                                     vae_scale_factor=run.vae_scale, seed=cfg.seed)
     mcls.prepare_model(run.te, run.vae, run.unet, run.weights, run.mconfig)
+    if run.xl:
+        from .models import sdxl
+        sdxl.prepare_text_encoder_2(mcls, run.te2, run.weights, run.mconfig)
     if calib is not None:
         from .quant import calibrate_activations
         calibrate_activations(run.unet, calib, bits=cfg.acts)
@@ -727,8 +751,13 @@ def encode_photos(run: Run) -> None:
 def build_method(run: Run) -> None:
     """The objective, the method and its random streams; the resolved settings, checked against a resumed run."""
     cfg = run.cfg
-    run.objective = DenoisingObjective(run.tokenizer, run.te, run.unet, run.scheduler, run.placeholder,
-                                       device=run.device, dtype=run.dtype)
+    if run.xl:
+        from .models import sdxl
+        run.objective = sdxl.SDXLObjective(run.tokenizer, run.te, run.tokenizer_2, run.te2, run.unet, run.scheduler,
+                                           run.placeholder, run.resolution, device=run.device, dtype=run.dtype)
+    else:
+        run.objective = DenoisingObjective(run.tokenizer, run.te, run.unet, run.scheduler, run.placeholder,
+                                           device=run.device, dtype=run.dtype)
     from . import distributed
     run.objective = distributed.sharded(run.objective, run.ranks, cfg.candidate_shards)  # this rank's candidates
     if cfg.low_memory:
@@ -857,7 +886,7 @@ def export_outputs(run: Run, result: RunResult) -> None:
     """Finished: samples, plots, then the files that mark a complete run (the method's output, run.json)."""
     from . import distributed
     cfg, out, losses, step = run.cfg, run.out, run.losses, run.step
-    write_rows(run.te, run.placeholder, result.theta)
+    run.objective.write_rows(result.theta)
     run.grid(step)
     plot_losses(out / "loss.png", losses, f"{cfg.method} {run.placeholder.text} ({run.weights})")
     atomic_json(out / "losses.json", losses)

@@ -22,7 +22,8 @@ One configuration = one ``python -m quantdream.bench.run_one --spec JSON --resul
 
 Whole-process peak = max(VmHWM of setup, VmHWM of training): everything the process ever held,
 Python, torch and the model included. Every method of ``quantdream.methods`` is measurable; a method on
-an architecture the scaffold cannot train (SDXL) gets a "not implemented" row, not a crash. Other
+an architecture the scaffold cannot train (SDXL outside models.sdxl.SDXL_METHODS) gets a "not implemented" row,
+not a crash. Other
 trainers plug in with :func:`register_bench_method`.
 """
 from __future__ import annotations
@@ -98,7 +99,7 @@ class BenchMethod:
     name: str
     default_weights: str
     setup: Callable[[dict, Any, BenchSpec], Trainer]
-    archs: tuple[str, ...] = ("tiny", "sd15", "sd21")  # SDXL needs both text encoders (not in the scaffold yet)
+    archs: tuple[str, ...] = ("tiny", "sd15", "sd21")  # "sdxl" too for the methods of models.sdxl.SDXL_METHODS
     prepare: Callable[[Any, Any, Any, str], None] | None = None
 
 
@@ -131,17 +132,28 @@ class _MethodTrainer:
         from ..methods import method_class
         from ..methods.base import DenoisingObjective, Streams, add_placeholder, identifier_placeholder
         from ..train import RunContext
+        from ..models import sdxl
         cls = method_class(spec.method)
         tok, te = comps["tokenizer"], comps["text_encoder"]
-        if cls.kind == "token":
+        tok2, te2 = comps.get("tokenizer_2"), comps.get("text_encoder_2")
+        xl = te2 is not None          # SDXL: the token in both text encoders (models/sdxl.py), as train.py
+        if cls.kind == "token" and xl:
+            self.placeholder = sdxl.add_sdxl_placeholder(tok, te, tok2, te2, self.token, self.init_word, 1)
+        elif cls.kind == "token":
             self.placeholder = add_placeholder(tok, te, self.token, self.init_word, 1)
         else:  # DreamBooth's prompt: "a photo of sks bag"; nothing is added to the tokenizer
-            self.placeholder = identifier_placeholder(self.identifier, self.init_word,
-                                                      te.get_input_embeddings().weight.shape[1])
+            self.placeholder = sdxl.identifier_placeholder_sdxl(self.identifier, self.init_word, sdxl.widths(te, te2)) \
+                if xl else identifier_placeholder(self.identifier, self.init_word,
+                                                  te.get_input_embeddings().weight.shape[1])
             data.templates = [cls.instance_prompt]
         self.comps, self.resolution = comps, spec.resolved_resolution()
-        self.objective = DenoisingObjective(tok, te, comps["unet"], comps["scheduler"], self.placeholder,
-                                            device=comps["device"], dtype=comps["dtype"])
+        if xl:
+            self.objective = sdxl.SDXLObjective(tok, te, tok2, te2, comps["unet"], comps["scheduler"],
+                                                self.placeholder, self.resolution, device=comps["device"],
+                                                dtype=comps["dtype"])
+        else:
+            self.objective = DenoisingObjective(tok, te, comps["unet"], comps["scheduler"], self.placeholder,
+                                                device=comps["device"], dtype=comps["dtype"])
         self.method = cls(self.objective, self.placeholder.init_vectors, bench_config(spec.method))
         self.streams = Streams.from_seed(spec.seed, comps["device"])
         self.data, self.batch_size, self.steps = data, spec.batch_size, 0
@@ -192,7 +204,9 @@ def method_bench(name: str) -> BenchMethod:
     def prepare(text_encoder, vae, unet, weights: str) -> None:
         cls.prepare_model(text_encoder, vae, unet, weights, config)
 
-    return BenchMethod(name, cls.default_weights, _MethodTrainer, prepare=prepare)
+    from ..models.sdxl import SDXL_METHODS
+    archs = ("tiny", "sd15", "sd21") + (("sdxl",) if name in SDXL_METHODS else ())
+    return BenchMethod(name, cls.default_weights, _MethodTrainer, archs=archs, prepare=prepare)
 
 
 def _implemented(name: str) -> BenchMethod | None:
@@ -317,17 +331,22 @@ def build_components(spec: BenchSpec, weights: str, device, dtype,
         with init_empty_weights(include_buffers=False):     # the embedded model's classes, parameters on meta
             comps = embedded.build_components()
     else:
-        comps = {c: build(spec.arch, c, init="meta") for c in ("unet", "vae", "text_encoder")}
+        texts = ("text_encoder", "text_encoder_2") if spec.arch == "sdxl" else ("text_encoder",)
+        comps = {c: build(spec.arch, c, init="meta") for c in ("unet", "vae") + texts}
         # token ids only matter as indices into a random table: the embedded model's CLIP-format
         # tokenizer, padded to the architecture's context length (77)
         n_ctx = comps["text_encoder"].config.max_position_embeddings
-        comps["tokenizer"] = CLIPTokenizer.from_pretrained(str(embedded.TOKENIZER_DIR), model_max_length=n_ctx)
+        for t in texts:
+            comps[t.replace("text_encoder", "tokenizer")] = CLIPTokenizer.from_pretrained(
+                str(embedded.TOKENIZER_DIR), model_max_length=n_ctx)
         comps["scheduler"] = DDPMScheduler(**embedded.SCHEDULER_CONFIG)
     comps["device"], comps["dtype"] = device, dtype
-    for i, m in ((1, "vae"), (2, "text_encoder"), (0, "unet")):   # seeds as before: unet 0, vae 1, te 2
+    order = ((1, "vae"), (2, "text_encoder")) + (((3, "text_encoder_2"),) if "text_encoder_2" in comps else ())
+    for i, m in order + ((0, "unet"),):   # seeds as before: unet 0, vae 1, te 2 (SDXL's second encoder 3)
         if m == "unet" and before_unet is not None:
             before_unet(comps)
-        comps[m] = prepare_layer_by_layer(comps[m], _component_prepare(prepare, m, weights), spec.seed + i,
+        part = "text_encoder" if m == "text_encoder_2" else m     # prepared as the first text encoder
+        comps[m] = prepare_layer_by_layer(comps[m], _component_prepare(prepare, part, weights), spec.seed + i,
                                           device, dtype)
     return comps
 
@@ -417,7 +436,8 @@ def measure_in_process(spec: BenchSpec) -> dict:
     row = _base_row(spec, weights)
     if spec.arch not in bm.archs:
         return {**row, "status": "not implemented",
-                "note": f"{spec.method} on {spec.arch} is not supported yet (the scaffold trains SD-1.x/2.x)"}
+                "note": f"{spec.method} on {spec.arch} is not supported yet "
+                        f"({spec.method} runs on {', '.join(bm.archs)})"}
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if spec.low_memory:
@@ -448,19 +468,25 @@ def measure_in_process(spec: BenchSpec) -> dict:
         early = weights != "none"
 
         def before_unet(c: dict) -> None:   # as train.py with a quantized folder: fp16 token table, photos first
-            _narrow_embeddings(c["text_encoder"], dtype)
+            for t in ("text_encoder", "text_encoder_2"):
+                if c.get(t) is not None:
+                    _narrow_embeddings(c[t], dtype)
             encode(c)
         if spec.model_dir:      # train.py's path for --model QUANTIZED_DIR: no float layer is ever built
             from ..train import load_components
             comps = load_components(spec.model_dir, device, dtype, defer_unet=True)
             comps["device"], comps["dtype"] = device, dtype
-            for m in ("text_encoder", "vae"):
-                comps[m].requires_grad_(False).eval()
+            for m in ("text_encoder", "text_encoder_2", "vae"):
+                if comps.get(m) is not None:
+                    comps[m].requires_grad_(False).eval()
             encode(comps)
             if spec.low_memory:   # as train.py: the autoencoder is freed before the UNet loads
                 memory.drop_vae_parts(comps["vae"], decoder=True)
             comps["unet"] = comps.pop("load_unet")().requires_grad_(False).eval()
             (bm.prepare or _default_prepare)(comps["text_encoder"], comps["vae"], comps["unet"], weights)
+            if comps.get("text_encoder_2") is not None:   # as train.py (models.sdxl.prepare_text_encoder_2)
+                from torch import nn
+                (bm.prepare or _default_prepare)(comps["text_encoder_2"], nn.Module(), nn.Module(), weights)
         else:
             comps = build_components(spec, weights, device, dtype, bm.prepare, before_unet if early else None)
         comps["workdir"] = Path(tmp)
@@ -538,7 +564,9 @@ def write_random_folder(arch: str, weights: str, seed: int, out: Path) -> Path:
 
     from ..quant.io import save_quantized
     comps = build_components(BenchSpec(arch=arch, seed=seed), weights, "cpu", torch.float32)
-    save_quantized({k: comps[k] for k in ("unet", "text_encoder", "vae", "tokenizer", "scheduler")}, out,
+    parts = ("unet", "text_encoder", "vae", "tokenizer", "scheduler") + \
+        (("text_encoder_2", "tokenizer_2") if "text_encoder_2" in comps else ())
+    save_quantized({k: comps[k] for k in parts}, out,
                    {"arch": arch, "weights": weights, "random_weights": True, "seed": seed}, float_dtype="fp16")
     return out
 

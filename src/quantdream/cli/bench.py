@@ -31,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--methods", default="zoodip,ti", help="comma-separated methods (default zoodip,ti), or all: zoodip, "
                                              "zoodip-fast, ti, gf-ti, dreambooth, lora, qlora, peqa, tuneqdm, tuneqdm-s1, tuneqdm-s2; "
                                              "an architecture a method does not support gets a 'not implemented' row")
-    a("--resolution", type=int, default=0, help="image size in px (default: native, 64 tiny / 512 sd15 / 768 sd21)")
+    a("--resolution", type=int, default=0, help="image size in px (default: native, 64 tiny / 512 sd15 / 768 sd21 / 1024 sdxl)")
     a("--steps", type=int, default=3, help="training steps measured after setup (default 3)")
     a("--weights", choices=["int8", "int4", "none", "nf4"], default=None,
       help="weight quantization of the frozen model for every method (default: as each method runs in its paper: "

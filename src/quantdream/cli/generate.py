@@ -18,7 +18,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="`tiny` (embedded model, default), a local diffusers folder / .safetensors / .ckpt, "
                                                         "or a quantized folder from `quantdream quantize`")
     p.add_argument("--embedding", action="append", default=[],
-                   help="learned_embeds.safetensors (or A1111 .pt) to load with diffusers' load_textual_inversion; repeatable")
+                   help="learned_embeds.safetensors (or A1111 .pt; on SDXL a clip_l/clip_g file) to load with diffusers' "
+                        "load_textual_inversion; repeatable")
     p.add_argument("--adapter", action="append", default=[],
                    help="a `quantdream personalize` output folder or file of any method: LoRA "
                         "(pytorch_lora_weights.safetensors), DreamBooth unet/, PEQA/TuneQDM scales.safetensors "
@@ -101,12 +102,11 @@ def load_embeddings(pipe, files: list[str]) -> list[list[str]]:
     """Stock ``load_textual_inversion`` for each file, after checking it fits this model's text encoder;
     returns the tokens each file added."""
     from ..export import check_embedding_fits
+    from ..models.sdxl import load_into_pipeline
     widths = [te.get_input_embeddings().weight.shape[1]
               for te in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if te is not None]
     added = []
     for e in files:
         check_embedding_fits(e, widths)
-        before = len(pipe.tokenizer)
-        pipe.load_textual_inversion(e)
-        added.append(pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer)))))
+        added.append(load_into_pipeline(pipe, e))      # SDXL files (clip_l + clip_g): once per text encoder
     return added

@@ -54,6 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       help="weight quantization of the frozen model (default auto: int8; none for dreambooth/lora; nf4 for qlora)")
     a("--acts", type=int, help="8: Q-Diffusion-style calibrated activations on the quantized UNet (W8A8 / W4A8)")
     a("--steps", type=int, help=f"training steps, >= 1 (default: the method's for the model: {STEP_DEFAULTS})")
+    a("--resolution", type=int, help="training image size in pixels (default: the model's native size: 64 for the "
+                                      "embedded model, 512 SD-1.5, 768 SD-2.1, 1024 SDXL)")
     a("--seed", type=int, help="seed of every random stream (default 0)")
     a("--lr", type=float, help="learning rate of the chosen method")
     a("--config", help="TOML file with settings (flags override it)")
@@ -95,7 +97,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-FLAGS = ("images", "token", "init_word", "out", "model", "method", "weights", "acts", "steps", "seed", "device", "dtype",
+FLAGS = ("images", "token", "init_word", "out", "model", "method", "weights", "acts", "steps", "resolution", "seed", "device", "dtype",
          "num_vectors", "batch_size", "captions", "learnable_property", "init_embedding", "sample_every",
          "checkpoint_every", "threads", "low_memory", "export_a1111", "resume", "dry_run", "max_hours")
 

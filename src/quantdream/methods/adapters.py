@@ -74,12 +74,11 @@ def apply_adapter(pipe, path: str | Path) -> dict:
     out = {"kind": kind, "prompt_text": info.get("prompt_text", ""), "tokens": []}
     if kind == "embedding":
         from ..export import check_embedding_fits
+        from ..models.sdxl import load_into_pipeline
         widths = [te.get_input_embeddings().weight.shape[1] for te in
                   (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if te is not None]
         check_embedding_fits(target, widths, "--adapter")
-        before = len(pipe.tokenizer)
-        pipe.load_textual_inversion(str(target))
-        out["tokens"] = pipe.tokenizer.convert_ids_to_tokens(list(range(before, len(pipe.tokenizer))))
+        out["tokens"] = load_into_pipeline(pipe, target)
         out["prompt_text"] = out["prompt_text"] or (out["tokens"][0] if out["tokens"] else "")
     elif kind == "lora":
         pipe.load_lora_weights(str(target.parent if target.is_file() else target),

@@ -259,6 +259,28 @@ class DenoisingObjective:
         with self.spliced(theta.repeat_interleave(B, 0)):
             return self.text_encoder(ids)[0].to(self.dtype)
 
+    def unconditional(self, theta: torch.Tensor, n: int) -> torch.Tensor:
+        """Classifier-free guidance's unconditional input for ``n`` rows: the empty prompt."""
+        return self.encode_text(theta, [""] * n)
+
+    @staticmethod
+    def cat_cond(conds: list) -> torch.Tensor:
+        return torch.cat(conds)
+
+    def denoise(self, z_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The UNet's prediction for N rows (``unet_batch`` rows per call): z_t (N, C, h, w), t (N,)."""
+        n = z_t.shape[0]
+        m = self.unet_batch if self.unet_batch > 0 else n
+        return torch.cat([self.unet(z_t[i:i + m], t[i:i + m], cond[i:i + m]).sample for i in range(0, n, m)])
+
+    def token_table(self) -> torch.Tensor:
+        """The vocabulary's token rows (N, d) in theta's layout (GF-TI's and zoodip-fast's PCA)."""
+        return self.text_encoder.get_input_embeddings().weight
+
+    def write_rows(self, theta: torch.Tensor) -> None:
+        """Store theta in the text encoder's table (for pipelines that read the table)."""
+        write_rows(self.text_encoder, self.placeholder, theta)
+
     # -- loss
     def __call__(self, theta: torch.Tensor, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         if theta.dim() == 2:
@@ -273,8 +295,7 @@ class DenoisingObjective:
         cond = self.encode_text(theta, batch.captions)              # (K*B, L, d)
         t = t.repeat(K)                                             # (K*B,)
         z_t = z_t.repeat(K, 1, 1, 1).to(self.dtype)
-        m = self.unet_batch if self.unet_batch > 0 else K * B
-        pred = torch.cat([self.unet(z_t[i:i + m], t[i:i + m], cond[i:i + m]).sample for i in range(0, K * B, m)])
+        pred = self.denoise(z_t, t, cond)
         self.forward_passes += K * B
         return denoising_mse(pred, y.repeat(K, 1, 1, 1)).view(K, B).mean(1)
 
@@ -320,11 +341,19 @@ class Method:
     def snapshot(self, folder, step: int, token: str) -> None:
         """An intermediate result at a checkpoint (token methods: the embedding file)."""
         from ..export import save_diffusers
-        save_diffusers(Path(folder) / f"step_{step:06d}.safetensors", token, self.theta)
+        path = Path(folder) / f"step_{step:06d}.safetensors"
+        if getattr(self.objective, "widths", None):        # SDXL: clip_l + clip_g (models/sdxl.py)
+            from ..models.sdxl import save_sdxl
+            save_sdxl(path, token, self.theta, self.objective.widths)
+        else:
+            save_diffusers(path, token, self.theta)
 
     def export(self, out, token: str, step: int, a1111: bool = False) -> list[Path]:
         """Write the result files into ``out``; token methods: diffusers (and A1111) embedding files."""
         from ..export import save_a1111, save_diffusers
+        if getattr(self.objective, "widths", None):        # SDXL: one file with clip_l + clip_g, which A1111 reads
+            from ..models.sdxl import save_sdxl
+            return [save_sdxl(out, token, self.theta, self.objective.widths)]
         files = [save_a1111(Path(out) / "learned_embeds.pt", token, self.theta, step)] if a1111 else []
         return files + [save_diffusers(out, token, self.theta)]
 

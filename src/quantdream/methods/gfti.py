@@ -124,7 +124,7 @@ def fit_pca(table: torch.Tensor, dim: int, exclude=(), chunk: int = 4096) -> tup
 def vocabulary_pca(objective: DenoisingObjective, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu_E, V (dim, d)): PCA of the text encoder's token table without the placeholder rows (GF-TI's
     search space; zoodip-fast's directions)."""
-    return fit_pca(objective.text_encoder.get_input_embeddings().weight, dim, exclude=objective.placeholder.ids)
+    return fit_pca(objective.token_table(), dim, exclude=objective.placeholder.ids)
 
 
 @torch.no_grad()
@@ -176,7 +176,7 @@ class GFTI(Method):
                 from ..eval import load_evaluator
                 from ..data.templates import OBJECT_TEMPLATES
                 from ..world.render import CLASSES
-                table = self.objective.text_encoder.get_input_embeddings().weight.detach().float().cpu()
+                table = self.objective.token_table().detach().float().cpu()
                 e0 = class_attention_init(load_evaluator(), ctx.data.pixels, ctx.tokenizer, table,
                                           list(CLASSES), list(OBJECT_TEMPLATES))
                 self.e0 = e0.to(self.theta.device).expand_as(self.theta).clone()
