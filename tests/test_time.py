@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from quantdream.cli.main import main
 from quantdream.distributed import share
 from quantdream.plan import TimePlan, grid_passes
-from quantdream.precision import NoiseSpec, check_zo_precision, zo_noise
+from quantdream.bench.zo_noise import NoiseSpec, zo_noise
+from quantdream.precision import check_zo_precision
 
 
 @pytest.fixture(scope="module")

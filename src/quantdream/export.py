@@ -4,7 +4,7 @@
     A1111      <name>.pt                     {"string_to_token": {"*": 265}, "string_to_param": {"*": [n, d]},
                                               "name": token, "step": step}
     SDXL       learned_embeds.safetensors    {"clip_l": [n, 768], "clip_g": [n, 1280]}, metadata token
-                                             (A1111 / ComfyUI / kohya; written by models.sdxl.save_sdxl)
+                                             (A1111 / ComfyUI / kohya; written by save_sdxl)
 
 ``load_embedding`` reads all four formats back (plus kohya's {"emb_params": [n, d]}); an SDXL file comes back
 as [n, 768 + 1280], clip_l first.
@@ -107,3 +107,23 @@ def check_embedding_fits(path: str | Path, widths: list[int], flag: str = "--emb
         raise ValueError(f"{flag} {str(path)!r} is {rows.shape[1]} wide ({family.get(rows.shape[1], 'another model')}) "
                          f"but this model's text encoder is {need} wide ({family.get(need, 'this model')}): use the "
                          f"embedding with the model it was learned on")
+
+
+def split(theta: torch.Tensor, dims: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """theta (..., d_l + d_g) -> (theta_l (..., d_l), theta_g (..., d_g))."""
+    if theta.shape[-1] != sum(dims):
+        raise ValueError(f"an SDXL embedding is {dims[0]} + {dims[1]} = {sum(dims)} wide (clip_l + clip_g), "
+                         f"got {theta.shape[-1]}")
+    return theta[..., :dims[0]], theta[..., dims[0]:]
+
+
+def save_sdxl(path: str | Path, token: str, theta: torch.Tensor, dims: tuple[int, int]) -> Path:
+    """{"clip_l": (V, 768), "clip_g": (V, 1280)} safetensors (A1111 / ComfyUI / kohya SDXL embedding), the
+    token's name in the file's metadata. ``path`` may be a folder (learned_embeds.safetensors in it)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / DIFFUSERS_NAME
+    theta_l, theta_g = split(_rows(theta), dims)
+    tensors = {"clip_l": theta_l.contiguous(), "clip_g": theta_g.contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"token": token}))
+    return path

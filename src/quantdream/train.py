@@ -696,6 +696,9 @@ def load_frozen_model(run: Run) -> None:
         sdxl.check_sdxl_placeholder(run.tokenizer, run.te, tok2, te2, cfg.token, cfg.init_word, cfg.num_vectors,
                                     run.init_vectors)
     elif mcls.kind == "token":
+        if cfg.init_embedding:       # an SDXL pair or another width: named as generate --embedding names it
+            from .export import check_embedding_fits
+            check_embedding_fits(cfg.init_embedding, [run.width], "--init-embedding")
         check_placeholder(run.tokenizer, run.te, cfg.token, cfg.init_word, cfg.num_vectors, run.init_vectors)
     run.vae_scale = 2 ** (len(run.vae.config.block_out_channels) - 1)
     run.resolution = cfg.resolution or ucfg.sample_size * run.vae_scale

@@ -73,7 +73,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run_zo_noise(args) -> int:
     import torch
 
-    from ..precision import NoiseSpec, zo_noise
+    from ..bench.zo_noise import NoiseSpec, zo_noise
     try:
         spec = NoiseSpec(model=args.model, dtypes=tuple(d.strip() for d in args.dtype.split(",") if d.strip()),
                          mus=tuple(float(m) for m in args.mu.split(",") if m.strip()), n=args.n,

@@ -343,7 +343,7 @@ class Method:
         from ..export import save_diffusers
         path = Path(folder) / f"step_{step:06d}.safetensors"
         if getattr(self.objective, "widths", None):        # SDXL: clip_l + clip_g (models/sdxl.py)
-            from ..models.sdxl import save_sdxl
+            from ..export import save_sdxl
             save_sdxl(path, token, self.theta, self.objective.widths)
         else:
             save_diffusers(path, token, self.theta)
@@ -352,7 +352,7 @@ class Method:
         """Write the result files into ``out``; token methods: diffusers (and A1111) embedding files."""
         from ..export import save_a1111, save_diffusers
         if getattr(self.objective, "widths", None):        # SDXL: one file with clip_l + clip_g, which A1111 reads
-            from ..models.sdxl import save_sdxl
+            from ..export import save_sdxl
             return [save_sdxl(out, token, self.theta, self.objective.widths)]
         files = [save_a1111(Path(out) / "learned_embeds.pt", token, self.theta, step)] if a1111 else []
         return files + [save_diffusers(out, token, self.theta)]

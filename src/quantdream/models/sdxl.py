@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ..export import split
 from ..methods.base import DenoisingObjective, Placeholder, add_placeholder, check_placeholder, write_rows
 
 # Methods the scaffold trains on SDXL. The others need what only SD-1.x/2.x have here (DreamBooth's class images
@@ -57,14 +58,6 @@ class SDXLPlaceholder(Placeholder):
 
 def widths(text_encoder, text_encoder_2) -> tuple[int, int]:
     return (text_encoder.get_input_embeddings().weight.shape[1], text_encoder_2.get_input_embeddings().weight.shape[1])
-
-
-def split(theta: torch.Tensor, dims: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """theta (..., d_l + d_g) -> (theta_l (..., d_l), theta_g (..., d_g))."""
-    if theta.shape[-1] != sum(dims):
-        raise ValueError(f"an SDXL embedding is {dims[0]} + {dims[1]} = {sum(dims)} wide (clip_l + clip_g), "
-                         f"got {theta.shape[-1]}")
-    return theta[..., :dims[0]], theta[..., dims[0]:]
 
 
 def check_sdxl_placeholder(tokenizer, text_encoder, tokenizer_2, text_encoder_2, token: str, init_word: str,
@@ -234,22 +227,6 @@ def prepare_text_encoder_2(mcls, text_encoder_2, weights: str, config) -> None:
 
 
 # ----------------------------------------------------------------------------- files
-def save_sdxl(path: str | Path, token: str, theta: torch.Tensor, dims: tuple[int, int]) -> Path:
-    """{"clip_l": (V, 768), "clip_g": (V, 1280)} safetensors (A1111 / ComfyUI / kohya SDXL embedding), the
-    token's name in the file's metadata. ``path`` may be a folder (learned_embeds.safetensors in it)."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import atomic_write
-    from ..export import DIFFUSERS_NAME, _rows
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / DIFFUSERS_NAME
-    theta_l, theta_g = split(_rows(theta), dims)
-    tensors = {"clip_l": theta_l.contiguous(), "clip_g": theta_g.contiguous()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"token": token}))
-    return path
-
-
 def read_sdxl(path: str | Path) -> tuple[str, torch.Tensor, torch.Tensor] | None:
     """(token, clip_l, clip_g) of an SDXL embedding file, or None if ``path`` is not one. The token is the
     file's metadata ``token`` (written by quantdream) or, as A1111 does, the file name."""
