@@ -79,3 +79,17 @@ def test_two_jobs_on_local_ray_one_worker_killed(tmp_path, monkeypatch, capsys):
     assert (out / "runs" / "teal_bag-zoodip" / "learned_embeds.safetensors").is_file()
     md = (out / "batch.md").read_text()
     assert "| teal_bag-zoodip | zoodip | ok | 6 |" in md and "| top | ti | ok | 6 |" in md
+
+
+def test_a_job_larger_than_the_cluster_is_refused():
+    from types import SimpleNamespace
+
+    from quantdream.batch import check_fits
+    jobs = [SimpleNamespace(name="small", num_cpus=1, memory_mib=1000), SimpleNamespace(name="big", num_cpus=1,
+                                                                                        memory_mib=9000)]
+    check_fits(jobs[:1], {"CPU": 2, "memory": 4096 * 2**20})
+    with pytest.raises(ValueError, match="job 'big' asks for 1 CPUs and 9000 MiB but the Ray cluster has 2 CPUs "
+                                         "and 4096 MiB"):
+        check_fits(jobs, {"CPU": 2, "memory": 4096 * 2**20})
+    with pytest.raises(ValueError, match="job 'small' asks for 1 CPUs"):
+        check_fits(jobs[:1], {"CPU": 0.5, "memory": 4096 * 2**20})

@@ -239,10 +239,11 @@ def run_batch(jobs: list[Job], out: str | Path, settings: BatchSettings) -> dict
     """Submit every job, gather the rows as they finish, write OUT/batch.json and OUT/batch.md."""
     from .checkpoint import atomic_json, atomic_write
     out = Path(out)
-    (out / "attempts").mkdir(parents=True, exist_ok=True)
     ray, started = start_ray(settings)
     t0 = time.perf_counter()
     try:
+        check_fits(jobs, ray.cluster_resources())
+        (out / "attempts").mkdir(parents=True, exist_ok=True)
         task = ray.remote(max_calls=1)(train_job)   # a fresh process per attempt
         refs = {}
         for job in jobs:
@@ -275,6 +276,16 @@ def run_batch(jobs: list[Job], out: str | Path, settings: BatchSettings) -> dict
     atomic_json(out / "batch.json", report)
     atomic_write(out / "batch.md", lambda tmp: Path(tmp).write_text(batch_markdown(report)))
     return report
+
+
+def check_fits(jobs: list[Job], resources: dict) -> None:
+    """A request larger than the whole cluster would wait forever: refuse it with the numbers."""
+    cpus, mib = resources.get("CPU", 0), resources.get("memory", 0) / 2**20
+    for job in jobs:
+        if job.num_cpus > cpus or job.memory_mib > mib:
+            raise ValueError(f"job {job.name!r} asks for {job.num_cpus} CPUs and {job.memory_mib} MiB but the Ray "
+                             f"cluster has {cpus:.0f} CPUs and {mib:.0f} MiB; lower its threads / memory_mib "
+                             f"or use a larger cluster")
 
 
 def _attempts(log: Path) -> dict:
