@@ -60,8 +60,14 @@ def main() -> int:
     jobs_file = out / "jobs.toml"
     jobs_file.write_text(jobs_toml(a.steps, a.checkpoint_every))
     killed = f"{SUBJECTS[0]}-zoodip-fast"
-    parallel = run(jobs_file, out / "workers2", 2, killed)
-    sequential = run(jobs_file, out / "workers1", 1, None)
+    stdout = os.dup(1)
+    os.dup2(2, 1)             # Ray's own messages (a worker died, a retry) go to stderr; stdout is the JSON
+    try:
+        parallel = run(jobs_file, out / "workers2", 2, killed)
+        sequential = run(jobs_file, out / "workers1", 1, None)
+    finally:
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
 
     def per_job(rep: dict) -> dict:
         return {r["job"]: {"status": r["status"], "steps": r.get("steps"), "train_seconds": r.get("seconds"),
