@@ -8,4 +8,4 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
-pip install -q -e '.[test,eval,bnb,serve]'
+pip install -q -e '.[test,eval,bnb,serve,batch]'

@@ -98,6 +98,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--threads", type=int, default=0, help="CPU threads for torch, here and in each bench subprocess")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train and render (default auto)")
     a("--config", help="TOML file with settings for every run (flags override it)")
+    a("--ray", action="store_true", help="train the methods as Ray tasks (as `quantdream batch`: each with its CPU and "
+                                         "memory request, several at once where they fit; a killed worker's "
+                                         "training continues from its checkpoint); needs pip install ray")
+    a("--ray-address", dest="ray_address", help="with --ray: an existing Ray cluster (default: a local one)")
     a("--resume", action="store_true", help="continue the comparison in --out: finished methods are kept, an "
                                             "interrupted one continues from its checkpoint")
     a("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
@@ -260,6 +264,12 @@ def make_plan(args) -> Plan:
     for name in ("images_per_prompt", "memory_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "ray", False):
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("--ray needs Ray: pip install 'quantdream[batch]' (or pip install ray)")
+    elif getattr(args, "ray_address", None):
+        raise ValueError("--ray-address applies only with --ray")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {args.out!r} is a file; give a folder")
@@ -375,6 +385,31 @@ def train_all(plan: Plan) -> tuple[dict, bool]:
     return runs, False
 
 
+def train_all_ray(plan: Plan, args) -> tuple[dict, bool]:
+    """train_all with every unfinished method as one Ray task (quantdream.batch); OUT/batch.md lists them."""
+    from ..batch import BatchSettings, Job, estimate_memory_mib, run_batch
+    runs = {m: {**plan.finished[m], "run_dir": plan.configs[m].out} for m in plan.finished}
+    for m in plan.finished:
+        say(f"[train] {m}: finished earlier, kept ({plan.configs[m].out})")
+    jobs = [Job(name=m, method=m, subject=plan.images, cfg=plan.configs[m], num_cpus=args.threads or 1,
+                memory_mib=estimate_memory_mib(m, args.model)) for m in plan.methods if m not in plan.finished]
+    if jobs:
+        say(f"[train] {len(jobs)} methods as Ray tasks -> {plan.out / 'runs'}")
+
+        def show(row: dict) -> None:
+            extra = f": {row['steps']} steps, {row['seconds']:.1f} s" if row.get("steps") is not None else ""
+            say(f"[train] {row['job']}: {row['status']}{extra}" + (f" ({row['note']})" if row.get("note") else ""))
+
+        report = run_batch(jobs, plan.out, BatchSettings(address=args.ray_address, callback=show))
+        for r in report["rows"]:
+            m, run_dir = r["job"], plan.configs[r["job"]].out
+            if r["status"] == "ok":
+                runs[m] = {**json.loads((Path(run_dir) / "run.json").read_text()), "run_dir": run_dir}
+            else:
+                runs[m] = {"status": "failed", "note": r.get("note", r["status"]), "run_dir": run_dir}
+    return {m: runs[m] for m in plan.methods}, False
+
+
 def _same_evaluation(path: Path, run_dirs: list[str], settings_dict: dict) -> dict | None:
     if not path.is_file():
         return None
@@ -465,7 +500,7 @@ def run(args) -> int:
     start(plan)
     say(f"{len(plan.methods)} methods on {plan.subject.get('name') or plan.images} ({plan.settings['init_word']}), "
         f"model {args.model} -> {plan.out}")
-    runs, interrupted = train_all(plan)
+    runs, interrupted = train_all_ray(plan, args) if args.ray else train_all(plan)
     if interrupted:
         print("interrupted; continue with the same command plus --resume (finished methods are kept)",
               file=sys.stderr)

@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # order shown in --help; a module that is not there yet is simply not offered
-COMMANDS = ["generate", "personalize", "quantize", "evaluate", "bench", "compare", "world", "serve"]
+COMMANDS = ["generate", "personalize", "quantize", "evaluate", "bench", "compare", "batch", "world", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
