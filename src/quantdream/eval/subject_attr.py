@@ -10,7 +10,7 @@ learned weights, nothing shared with the generator) and compares them with the s
               border (the sides the object does not touch), largest 4-connected component (the left
               half only for "next to a ..." prompts, whose first object ``render`` puts on the left)
     body      median CIELAB of the larger of two k-means clusters of the mask's inner pixels
-    print     the smaller cluster, when it covers >= PRINT_SHARE of the mask and differs from the
+    print     the smaller cluster (or the one lying in the object's lower 40%), when it covers >= PRINT_SHARE of the mask and differs from the
               body by >= PRINT_DE; its type from its layout (lower third -> twotone; it overlaps
               itself shifted one pixel along the renderer's stripe diagonal -> stripes; else dots)
     shape     IoU of the mask and the subject item's silhouette, each cropped to its bounding box
@@ -183,11 +183,15 @@ def _two_means(x: np.ndarray, iters: int = 12) -> np.ndarray:
     return lab
 
 
+def _low_row(mask: np.ndarray) -> int:
+    """First row of the object's lower 40% (the renderer's two-tone print covers its lower third)."""
+    ys = np.nonzero(mask)[0]
+    return int(ys.min() + 0.6 * (ys.max() - ys.min() + 1))
+
+
 def _print_type(pm: np.ndarray, mask: np.ndarray) -> str:
     """Layout of the print pixels ``pm`` inside the object ``mask`` -> twotone / stripes / dots."""
-    ys = np.nonzero(mask)[0]
-    top, bottom = ys.min(), ys.max()
-    low = pm[int(top + 0.6 * (bottom - top + 1)):].sum() / max(pm.sum(), 1)
+    low = pm[_low_row(mask):].sum() / max(pm.sum(), 1)
     if low >= TWOTONE_LOW:
         return "twotone"
     shifted = np.zeros_like(pm)
@@ -208,8 +212,12 @@ def read_object(image: np.ndarray, left_only: bool = False) -> ObjectReading:
     px = lab[inner]
     weighted = px * np.array([0.5, 1.0, 1.0])  # lightness counts less: shading is not a print
     second = _two_means(weighted)
-    if second.sum() > len(px) / 2:
+    low = np.nonzero(inner)[0] >= _low_row(mask)
+    in_low = [low[~second].mean() if (~second).any() else 0.0, low[second].mean() if second.any() else 0.0]
+    if in_low[0] >= TWOTONE_LOW > in_low[1]:  # a two-tone print may cover more than half of some items
         second = ~second
+    elif not in_low[1] >= TWOTONE_LOW > in_low[0] and second.sum() > len(px) / 2:
+        second = ~second  # otherwise the print is the smaller cluster
     body = np.median(px[~second], 0)
     share = second.mean()
     if second.any() and share >= PRINT_SHARE:
@@ -339,3 +347,46 @@ def subject_items(subject: dict) -> np.ndarray | None:
         return load_fmnist(subject.get("fmnist_split", "test"))[0]
     except FileNotFoundError:
         return None
+
+
+# ----------------------------------------------------------------------------- hand-made cases
+OTHER_PRINT = {"solid": "stripes", "stripes": "dots", "dots": "twotone", "twotone": "stripes"}
+
+
+def contrast_cases(subject: dict, items: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Renders that should rank from the subject's own photos down to its class word alone, each in the
+    scenes of the subject's photos (same backgrounds, positions, sizes) and seeded:
+
+        photos        the subject itself
+        other_item    its colouring and print on another item of its class
+        wrong_print   its item and body colour, another print (solid -> stripes)
+        wrong_colour  its item and print, body in the palette colour farthest from its own
+        class_word    another item of its class, a palette colour and a random print (what the class
+                      word alone draws)
+    """
+    from ..world.render import COLOURS, COLOUR_NAMES, PRINTS, Scene, render
+    rng = np.random.default_rng(seed)
+    obj = subject["object"]
+    same_cls = [int(i) for i in np.flatnonzero(labels == obj["cls"]) if i != obj["item"]]
+    body = rgb_to_lab(np.asarray(obj["rgb"], dtype=np.float64))
+    far = max(COLOUR_NAMES, key=lambda c: float(delta_e00(body, rgb_to_lab(COLOURS[c]))))
+    out: dict[str, list] = {k: [] for k in ("photos", "other_item", "wrong_print", "wrong_colour", "class_word")}
+    for p in subject["photos"]:
+        scene = Scene.from_dict(p["scene"])
+        o = scene.objects[0]
+
+        def with_obj(**kw) -> np.ndarray:
+            s = Scene.from_dict(scene.to_dict())
+            for k, v in kw.items():
+                setattr(s.objects[0], k, v)
+            return render(s, items)
+
+        out["photos"].append(render(scene, items))
+        out["other_item"].append(with_obj(item=int(rng.choice(same_cls))))
+        out["wrong_print"].append(with_obj(print=OTHER_PRINT[o.print], print_rgb=o.print_rgb or (245, 245, 245)))
+        out["wrong_colour"].append(with_obj(rgb=COLOURS[far], colour=COLOUR_NAMES.index(far)))
+        c = int(rng.integers(len(COLOUR_NAMES)))
+        pr = str(rng.choice(PRINTS))
+        out["class_word"].append(with_obj(item=int(rng.choice(same_cls)), colour=c, rgb=COLOURS[COLOUR_NAMES[c]],
+                                          print=pr, print_rgb=COLOURS[COLOUR_NAMES[(c + 5) % 10]]))
+    return {k: np.stack(v) for k, v in out.items()}
