@@ -49,7 +49,6 @@ def main(argv=None) -> int:
         raise SystemExit(f"no example subject {missing}; choose from {', '.join(sorted(p.name for p in root.iterdir()))}")
     if a.images_per_prompt < 1:
         raise SystemExit(f"--images-per-prompt must be >= 1, got {a.images_per_prompt}")
-    import numpy as np
     import torch
     torch.set_num_threads(a.threads)
     from quantdream.eval.protocol import load_encoders, reference_images, score, select_prompts, subject_ceiling

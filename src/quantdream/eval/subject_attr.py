@@ -9,10 +9,11 @@ learned weights, nothing shared with the generator) and compares them with the s
     mask      object pixels: CIELAB distance (Delta E*ab) > MASK_DE to every colour of the image's
               border (the sides the object does not touch), largest 4-connected component (the left
               half only for "next to a ..." prompts, whose first object ``render`` puts on the left)
-    body      median CIELAB of the larger of two k-means clusters of the mask's inner pixels
-    print     the smaller cluster (or the one lying in the object's lower 40%), when it covers >= PRINT_SHARE of the mask and differs from the
-              body by >= PRINT_DE; its type from its layout (lower third -> twotone; it overlaps
-              itself shifted one pixel along the renderer's stripe diagonal -> stripes; else dots)
+    body      median CIELAB of the body cluster of two k-means clusters of the mask's inner pixels
+    print     the other cluster: the smaller one (or the one lying in the object's lower 40%), when
+              it covers >= PRINT_SHARE of the mask and differs from the body by >= PRINT_DE; its type from its
+              layout (lower 40% -> twotone; it overlaps itself shifted one pixel along the renderer's
+              stripe diagonal -> stripes; else dots)
     shape     IoU of the mask and the subject item's silhouette, each cropped to its bounding box
               and resized to SHAPE_SIDE x SHAPE_SIDE (``render`` scales the 28x28 item uniformly)
 
