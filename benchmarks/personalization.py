@@ -6,7 +6,9 @@
 
 For each subject (same seeds for every variant): trains every variant below with ``quantdream personalize``,
 then scores all of them, plus the init word with no personalization (the floor), with ``quantdream
-evaluate``'s protocol (world CLIP-I / CLIP-T, EfficientNet-Lite0 similarity, prompt accuracy). Finished runs
+evaluate``'s protocol (world CLIP-I / CLIP-T, subject attribute accuracy, EfficientNet-Lite0 similarity,
+prompt accuracy); each subject's ceiling (its photos) and every variant's share of the floor-to-ceiling gap
+in world CLIP-I and subject attribute accuracy are in ``ceiling`` and ``gap_closed``. Finished runs
 and evaluations are kept under --out, so an interrupted benchmark continues where it stopped.
 
 Variants:
@@ -36,7 +38,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 ROOT = Path(__file__).resolve().parent.parent
-METRICS = ("world_clip_i", "effnet", "world_clip_t", "prompt_accuracy")
+METRICS = ("world_clip_i", "subject_attr_acc", "effnet", "world_clip_t", "prompt_accuracy")
+GAP_METRICS = ("world_clip_i", "subject_attr_acc")  # fidelity with a floor and a ceiling per subject
 PAPER_PUTS = {"t_low": 500, "t_high": 900}     # ZOODiP's PUTS interval for SD-1.5 (zoodip_study pins it)
 
 
@@ -204,6 +207,22 @@ def mean(xs: list) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def gap_closed(rows: list[dict], ceilings: dict[str, dict]) -> dict:
+    """{variant: {metric: mean over subjects of (variant - floor) / (ceiling - floor)}} for GAP_METRICS,
+    the floor being the init word alone on the variant's weights (None where a part is missing)."""
+    floor = {(r["subject"], r["variant"][len("floor ("):-1]): r for r in rows if r["variant"].startswith("floor (")}
+    per: dict[str, dict[str, list]] = {}
+    for r in rows:
+        f = floor.get((r["subject"], r.get("weights")))
+        if r["variant"].startswith("floor") or f is None:
+            continue
+        for k in GAP_METRICS:
+            c = ceilings.get(r["subject"], {}).get(k)
+            ok = None not in (r.get(k), f.get(k), c) and c != f[k]
+            per.setdefault(r["variant"], {}).setdefault(k, []).append((r[k] - f[k]) / (c - f[k]) if ok else None)
+    return {v: {k: mean(xs) for k, xs in d.items()} for v, d in per.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_harness_args(ap, "out/bench_personalization")
@@ -232,12 +251,14 @@ def main(argv=None) -> int:
     names = [d.name for d in subjects]
     out = Path(a.out).resolve()
     rows: list[dict] = []
+    ceilings: dict[str, dict] = {}
     for subject in subjects:
         name = subject.name
         runs = {v: train(subject, v, *table[v], out / "runs" / name / v, a.seed, a.threads, a.model)
                 for v in chosen}
         m = evaluate(runs, out / "eval" / name, settings, a.evaluator)
         rows += subject_rows(name, runs, m, ("unet_forward_passes", "seconds", "steps", "weights"))
+        ceilings[name] = {k: (m.get("subject_ceiling") or {}).get(name, {}).get(k) for k in GAP_METRICS}
     res: dict = {"subjects": names, "seed": a.seed, "threads": a.threads, "images_per_prompt": a.images_per_prompt,
                  "variants": {}}
     for v in sorted({r["variant"] for r in rows if r["variant"].startswith("floor")}) + chosen:
@@ -246,6 +267,8 @@ def main(argv=None) -> int:
         if rs and v in table:
             res["variants"][v].update(method=table[v][0], settings=table[v][1], weights=rs[0]["weights"])
     res["per_subject"] = rows
+    res["ceiling"] = {"per_subject": ceilings, **{k: mean([c[k] for c in ceilings.values()]) for k in GAP_METRICS}}
+    res["gap_closed"] = gap_closed(rows, ceilings)
     V = res["variants"]
     bars: dict = {}
     if "zoodip" in V and "ti" in V:

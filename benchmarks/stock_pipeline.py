@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 ROOT = Path(__file__).resolve().parent.parent
-METRICS = ("world_clip_i", "effnet", "world_clip_t", "prompt_accuracy")
+METRICS = ("world_clip_i", "subject_attr_acc", "effnet", "world_clip_t", "prompt_accuracy")
 
 
 def main(argv=None) -> int:
@@ -63,8 +63,8 @@ def main(argv=None) -> int:
                                steps, guidance)
         pipe.load_textual_inversion(str(run))                                   # the stock loader
         tok = generate_images(pipe, [p["prompt"].format(token) for p in prompts], args.n, args.seed, steps, guidance)
-        r = {"init_word": score(base, prompts, subj["class_word"], ref, enc),
-             "token": score(tok, prompts, subj["class_word"], ref, enc)}
+        r = {"init_word": score(base, prompts, subj["class_word"], ref, enc, subj),
+             "token": score(tok, prompts, subj["class_word"], ref, enc, subj)}
         r = {k: {m: v[m] for m in METRICS if m in v} for k, v in r.items()}
         r["renders_subject"] = r["token"]["world_clip_i"] > r["init_word"]["world_clip_i"]
         rows[name] = r

@@ -91,8 +91,14 @@ def test_personalization_benchmark_end_to_end_and_resume(tiny_model, random_eval
     assert V["zoodip"]["unet_forward_passes"] == 18 and V["budget-cosine"]["unet_forward_passes"] == 6
     assert V["zoodip"]["weights"] == "int8" and V["ti"]["weights"] == "none"
     assert {"floor (int8)", "floor (none)"} <= set(V)
-    for k in ("world_clip_i", "effnet", "world_clip_t", "prompt_accuracy"):
+    for k in ("world_clip_i", "subject_attr_acc", "effnet", "world_clip_t", "prompt_accuracy"):
         assert isinstance(V["zoodip"][k], float)
+    ceiling = res["ceiling"]["per_subject"]["teal_bag"]
+    assert ceiling["subject_attr_acc"] > 0.8 and isinstance(ceiling["world_clip_i"], float)
+    for v in ("zoodip", "ti"):
+        f = V[f"floor ({V[v]['weights']})"]
+        want = (V[v]["subject_attr_acc"] - f["subject_attr_acc"]) / (ceiling["subject_attr_acc"] - f["subject_attr_acc"])
+        assert res["gap_closed"][v]["subject_attr_acc"] == pytest.approx(want)
     b = res["bars"]
     assert b["best_budget_variant"] == "budget-cosine" and b["best_budget_passes_fraction"] == pytest.approx(1 / 3)
     assert "zoodip_world_clip_i_ratio_to_ti>=0.97" in b and "zoodip_prompt_accuracy>=ti-0.02" in b

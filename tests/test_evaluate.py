@@ -57,9 +57,13 @@ def test_evaluate_zoodip_run_and_baseline(zoodip_run, random_evaluator, tmp_path
                 "prompt_accuracy_composition"):
         assert isinstance(run["metrics"][key], float), key
     assert "prompt_accuracy_context" not in run["metrics"]
+    # subject attribute accuracy: the 4 non-colour prompts x 2 images ("a red {}", "a purple {}" ask for a change)
+    assert 0 <= run["metrics"]["subject_attr_acc"] <= 1 and run["metrics"]["subject_attr_parts"]["n"] == 8
+    assert m["subject_ceiling"]["teal_bag"]["subject_attr_acc"] > 0.8
     assert [g["group"] for g in m["means"]][1].startswith("zoodip (int8")
     md = (out / "metrics.md").read_text()
     assert "Mean over subjects" in md and "zoodip" in md and "class word" in md
+    assert "| world CLIP-I | subject attr. acc. |" in md
     grid = Image.open(out / run["grid"])
     assert grid.size == (2 * 66 + 2, 6 * 66 + 2)              # rows = prompts, columns = images per prompt
     # an --out that already holds metrics is refused (no silent overwrite)

@@ -297,8 +297,10 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def score(images: list[list], prompts: list[dict], class_word: str, reference: list, enc: Encoders) -> dict:
-    """Metrics of rendered ``images[prompt][j]`` against the subject's ``reference`` photos."""
+def score(images: list[list], prompts: list[dict], class_word: str, reference: list, enc: Encoders,
+          subject: dict | None = None) -> dict:
+    """Metrics of rendered ``images[prompt][j]`` against the subject's ``reference`` photos, and, for a
+    world subject (``subject["object"]``), subject attribute accuracy (``subject_attr.py``)."""
     from .metrics import clip_i, clip_t, prompt_accuracy
     from ..models.sample import to_uint8
     n = len(images[0])
@@ -329,11 +331,27 @@ def score(images: list[list], prompts: list[dict], class_word: str, reference: l
         out["clip_t"] = clip_t(g, enc.clip.text(texts_rows))
     if enc.dino is not None:
         out["dino"] = clip_i(enc.dino.image(flat), enc.dino.image(reference))
+    if subject is not None:
+        out.update(attribute_scores(flat, [p.get("expect", {}) for p in prompts for _ in range(n)], subject))
     return out
 
 
-def subject_ceiling(reference: list, enc: Encoders) -> dict:
-    """Similarity of the subject's photos among themselves: the most CLIP-I / EffNet / DINO can say."""
+def attribute_scores(flat, expects: list[dict], subject: dict) -> dict:
+    """``subject_attr_acc`` and its parts over the images whose prompt keeps the subject's colour (a
+    prompt naming a colour asks it to change); {} when the subject is not a world object. Images of
+    "next to a ..." prompts are read on their left half, where the subject is drawn."""
+    from .subject_attr import subject_attribute_accuracy, subject_items
+    items = subject_items(subject)
+    keep = [i for i, e in enumerate(expects) if "colour" not in e]
+    if items is None or not keep:
+        return {}
+    r = subject_attribute_accuracy(flat[keep], subject["object"], items, left_only=["class2" in expects[i] for i in keep])
+    return {"subject_attr_acc": r.pop("subject_attr_acc"), "subject_attr_parts": r}
+
+
+def subject_ceiling(reference: list, enc: Encoders, subject: dict | None = None) -> dict:
+    """Similarity of the subject's photos among themselves: the most CLIP-I / EffNet / DINO can say; and
+    the photos' own subject attribute accuracy (for a world subject)."""
     from .metrics import self_similarity
     from ..models.sample import to_uint8
     ref = to_uint8(reference)
@@ -348,6 +366,10 @@ def subject_ceiling(reference: list, enc: Encoders) -> dict:
         out["clip_i"] = self_similarity(enc.clip.image(reference))
     if enc.dino is not None:
         out["dino"] = self_similarity(enc.dino.image(reference))
+    if subject is not None:
+        a = attribute_scores(ref, [{}] * len(ref), subject)
+        if a:
+            out["subject_attr_acc"] = a["subject_attr_acc"]
     return out
 
 
@@ -364,7 +386,7 @@ class EvalSettings:
     batch_size: int = 16
 
 
-METRIC_COLUMNS = [("world_clip_i", "world CLIP-I"), ("world_clip_t", "world CLIP-T"), ("effnet", "EffNet-Lite0 sim."),
+METRIC_COLUMNS = [("world_clip_i", "world CLIP-I"), ("subject_attr_acc", "subject attr. acc."), ("world_clip_t", "world CLIP-T"), ("effnet", "EffNet-Lite0 sim."),
                   ("prompt_accuracy", "prompt acc."), ("prompt_accuracy_context", "acc. context"),
                   ("prompt_accuracy_property", "acc. property"), ("prompt_accuracy_composition", "acc. composition"),
                   ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO")]
@@ -431,8 +453,8 @@ def evaluate_runs(run_dirs: list[str | Path], out: str | Path, *, subject: str |
                images: list[list], steps: int, guidance: float, model: str, weights: str) -> None:
         reference = reference_images(subj)
         if subj["name"] not in ceilings:
-            ceilings[subj["name"]] = subject_ceiling(reference, enc)
-        metrics = score(images, prompts, subj["class_word"], reference, enc)
+            ceilings[subj["name"]] = subject_ceiling(reference, enc, subj)
+        metrics = score(images, prompts, subj["class_word"], reference, enc, subj)
         grid = out / "grids" / f"{slug(label, 80)}__{slug(subj['name'], 40)}.png"
         img = make_grid(images)
         atomic_write(grid, lambda tmp: img.save(tmp, format="PNG"))

@@ -55,9 +55,12 @@ TABLE_COLUMNS = [("weights", "quant"), ("gradient_free", "grad-free"), ("memory_
                  ("storage_bytes", "storage"),
                  ("clip_t", "CLIP-T"), ("clip_i", "CLIP-I"), ("dino", "DINO"),
                  ("world_clip_t", "world CLIP-T"), ("world_clip_i", "world CLIP-I"),
+                 ("subject_attr_acc", "subject attr. acc."),
                  ("effnet", "DINO stand-in (EffNet-Lite0)"), ("prompt_accuracy", "prompt acc."),
                  ("steps", "steps"), ("unet_forward_passes", "UNet passes"), ("seconds", "time (s)")]
-OPTIONAL_COLUMNS = ("clip_t", "clip_i", "dino", "memory_storage_bytes")
+OPTIONAL_COLUMNS = ("clip_t", "clip_i", "dino", "memory_storage_bytes", "subject_attr_acc")
+# columns added after results were committed: a row evaluated before them shows "-"
+LATER_COLUMNS = ("subject_attr_acc",)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -338,7 +341,7 @@ def build_report(rows: list[dict], *, subject: dict, settings: dict, evaluation:
 def cell(key: str, value: Any) -> str:
     """One table cell, formatted for its column."""
     if value is None:
-        return ""
+        return "-" if key in LATER_COLUMNS else ""
     if key == "gradient_free":
         return "yes" if value else "no"
     if key in ("storage_bytes", "memory_storage_bytes"):
