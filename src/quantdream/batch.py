@@ -88,7 +88,7 @@ def read_jobs(path: str | Path, out: str | Path) -> list[Job]:
     """Parse and check JOBS.toml; every job's settings are validated as `personalize` would. Writes nothing."""
     import tomllib
 
-    from .cli.compare import read_subject
+    from .data.subject import read_subject
     from .methods import METHODS, method_class, section_name
     from .methods.base import config_from_dict
     from .models.sample import slug

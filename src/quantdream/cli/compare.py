@@ -177,33 +177,6 @@ def parse_method_weights(text: str, methods: list[str]) -> dict[str, str]:
     return out
 
 
-def default_prompts(class_word: str) -> list[dict]:
-    """The world subjects' evaluation prompts (world/subjects.py), for a folder of plain photos."""
-    from ..world.subjects import PROMPTS
-    return [{"prompt": p, "expect": {"class": class_word, **e}, "kind": kind} for p, e, kind in PROMPTS]
-
-
-def read_subject(folder: Path, init_word: str | None) -> tuple[dict, bool]:
-    """(subject dict, True if it comes from plain photos and subject.json must be written)."""
-    from ..data.dataset import list_images
-    from ..world.subjects import load_subject
-    if not folder.exists():
-        raise FileNotFoundError(f"--subject {str(folder)!r} does not exist")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"--subject must be a folder of photos, but {str(folder)!r} is a file")
-    photos = list_images(folder)      # refuses a folder with no images, naming what it holds
-    if (folder / "subject.json").is_file():
-        subject = load_subject(folder)
-        if not subject.get("class_word"):
-            raise ValueError(f"{folder / 'subject.json'} has no class_word")
-        return subject, False
-    if not init_word:
-        raise ValueError(f"--subject {str(folder)!r} has no subject.json; give --init-word (the class word of the "
-                         f"subject, e.g. bag) to compare on plain photos")
-    return {"name": folder.resolve().name, "class_word": init_word, "dir": str(folder),
-            "photos": [{"file": str(p.resolve())} for p in photos], "prompts": default_prompts(init_word)}, True
-
-
 def _run_config(args, method: str, images: Path, init_word: str, token: str, steps: int, weights: str | None,
                 out: Path):
     """The RunConfig of one method, through personalize's own flag handling (config_from_args)."""
@@ -277,6 +250,7 @@ def make_plan(args) -> Plan:
         hint = " or pass --resume to continue the comparison in it" if (out / "runs").is_dir() else ""
         raise ValueError(f"--out {args.out!r} already exists and is not empty; choose a new folder{hint}")
     images = Path(args.subject)
+    from ..data.subject import read_subject
     subject, write_subject = read_subject(images, args.init_word)
     kinds = parse_kinds(args.prompts)
     select_prompts(subject, kinds)
