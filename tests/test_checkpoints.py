@@ -141,6 +141,28 @@ def test_personalize_three_steps_from_a_single_file(tiny, photos, tmp_path, arch
     assert pipe.text_encoder.get_input_embeddings().weight[tid].shape == (width,)
 
 
+@pytest.mark.slow
+def test_personalize_sdxl_from_a_single_file(tiny, photos, tmp_path):
+    """An SDXL single file trains a token in both text encoders; stock diffusers reads it back per encoder."""
+    from safetensors.torch import load_file
+
+    from quantdream.models.sdxl import load_into_pipeline
+    from quantdream.train import build_config, personalize
+    _, files, _ = tiny
+    out = tmp_path / "run"
+    personalize(build_config(overrides=dict(
+        images=str(photos), token="<my-cat>", init_word="cat", model=str(files["sdxl"]), method="zoodip",
+        weights="int8", steps=3, out=str(out), threads=1, sample_every=0, sample_images=0)))
+    saved = load_file(str(out / "learned_embeds.safetensors"))
+    assert set(saved) == {"clip_l", "clip_g"}
+    pipe = load.load_pipeline(files["sdxl"])
+    assert load_into_pipeline(pipe, out) == ["<my-cat>"]
+    for te, tok, part in ((pipe.text_encoder, pipe.tokenizer, "clip_l"), (pipe.text_encoder_2, pipe.tokenizer_2,
+                                                                           "clip_g")):
+        row = te.get_input_embeddings().weight[tok.convert_tokens_to_ids("<my-cat>")]
+        assert torch.equal(row.float(), saved[part][0].float())
+
+
 # ----------------------------------------------------------------------------- clear errors
 def _keys_file(path, keys):
     save_file({k: torch.zeros(s) for k, s in keys.items()}, str(path))
