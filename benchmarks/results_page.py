@@ -26,6 +26,12 @@ CURRENT = {
     "quantization_memory": "quantization-lowmem-2026-11-23-2.json",
     "quantization_storage": "quantization-2026-11-23.json",
     "stock_pipeline": "2026-12-03/stock_pipeline-zoodip-n8.json",
+    "subject_fidelity": "2026-12-04/subject_fidelity-tiny-v1.json",
+    "sdxl_memory": ["2026-12-04/memory-sdxl-zoodip-int8-lowmem.json", "2026-12-04/memory-sdxl-zoodip-int4-lowmem.json"],
+    "gpu_check": "2026-12-04/gpu_check-h200.json",
+    "zo_noise": ["2026-12-04/zo_noise_embedded.json", "2026-12-04/zo_noise_sd15.json"],
+    "distributed": "2026-12-04/distributed.json",
+    "batch": "2026-12-04/batch.json",
 }
 
 # (superseded JSON, what it measured, how to read its headline figure, why it was replaced)
@@ -194,6 +200,74 @@ def stock_section() -> list[str]:
             f"{len(d['subjects'])} subjects.", ""]
 
 
+def subject_fidelity_section() -> list[str]:
+    rel = CURRENT["subject_fidelity"]
+    d = load(rel)
+    fl, ce, c = d["floor"], d["ceiling"], d["cases"]
+    return ["## Subject fidelity: floor and ceiling", "",
+            f"Subject attribute accuracy (body colour, print, print colour, shape against the subject's own item; "
+            f"`benchmarks/subject_fidelity.py`, {link(rel)}), on the {len(d['subjects'])} example subjects, every prompt x "
+            f"{d['images_per_prompt']} images, model `{d['model']}`:", "",
+            "| | world CLIP-I | subject attribute accuracy |", "|---|---|---|",
+            f"| floor: the class word alone | {f3(fl['world_clip_i'])} | {f3(fl['subject_attr_acc'])} |",
+            f"| ceiling: the subject's photos among themselves | {f3(ce['world_clip_i'])} | "
+            f"{f3(ce['subject_attr_acc'])} |", "",
+            "Hand-made renders, subject attribute accuracy: the photos " + f3(c["photos"]) + ", another item of the class "
+            + f3(c["other_item"]) + ", the wrong print " + f3(c["wrong_print"]) + ", the wrong colour "
+            + f3(c["wrong_colour"]) + ", the class word " + f3(c["class_word"]) + ".", ""]
+
+
+def sdxl_section() -> list[str]:
+    out = ["## SDXL memory (1024 px, random weights, CPU, low-memory mode)", "",
+           "| method | UNet | whole-process peak | training peak | run |", "|---|---|---|---|---|"]
+    for rel in CURRENT["sdxl_memory"]:
+        for r in load(rel)["rows"]:
+            out.append(f"| {METHOD_NAMES[r['method']]} | {r['weights']} | {r['whole_process_peak_mib']:.0f} MiB | "
+                       f"{r['training_peak']['vmhwm_mib']:.0f} MiB | {link(rel)} |")
+    return out + [""]
+
+
+def gpu_section() -> list[str]:
+    rel = CURRENT["gpu_check"]
+    d = load(rel)
+    gpu = d["host"]["nvidia_smi"][0].split(",")[0]
+    out = [f"## On a GPU ({gpu})", "",
+           f"`scripts/gpu_check.sh`, {d['settings']['steps']} steps a run, dtype auto (float16), {link(rel)}; rows that "
+           f"ran:", "", "| model | method | CUDA max allocated | process total | s/step |", "|---|---|---|---|---|"]
+    for r in d["runs"]:
+        if r["status"] == "ok":
+            out.append(f"| {r['model']} | {METHOD_NAMES[r['method']]} ({r['weights']}) | "
+                       f"{r['cuda_max_allocated_mib']:.0f} MiB | {r['process_total_mib']:.0f} MiB | "
+                       f"{r['seconds_per_step']:.3f} |")
+    s = d["summary"]
+    return out + ["", f"{s['ok']} ok, {s['failed']} failed, {s['skipped']} skipped, {s['not run (budget)']} not run "
+                      f"(budget).", ""]
+
+
+def scaling_section() -> list[str]:
+    dist, batch = load(CURRENT["distributed"]), load(CURRENT["batch"])
+    same = ", ".join(m for m, ok in dist["bit_identical"].items() if ok)
+    out = ["## Time to a token", "",
+           f"- ZOODiP across processes ({link(CURRENT['distributed'])}; `benchmarks/distributed.py`): bit-identical "
+           f"tokens with 2 ranks for {same}; speedup with 2 ranks {dist['speedup_2ranks']:.2f}x (n = 8, embedded, 1 thread "
+           f"a rank); {dist['bytes_per_step']:.0f} bytes a step; the time plan's ETA off by "
+           f"{100 * dist['eta_error']:+.1f}% on a 200-step run.",
+           f"- Many jobs on Ray ({link(CURRENT['batch'])}; `benchmarks/batch.py`): {batch['jobs']} jobs on 2 workers "
+           f"{batch['speedup']:.2f}x faster than one after the other; a killed job resumed from step "
+           f"{batch['kill_retry']['resumed_from'][-1]}, and every job finished: {'yes' if batch['all_ok'] else 'no'}.", "",
+           "Correlation of ZOODiP's finite differences with float64 ones (`quantdream bench zo-noise`):", "",
+           "| model | dtype | mu = 1e-3 | 1e-2 | 1e-1 |", "|---|---|---|---|---|"]
+    for rel in CURRENT["zo_noise"]:
+        d = load(rel)
+        by = {}
+        for r in d["rows"]:
+            by.setdefault(r["dtype"], {})[r["mu"]] = r["correlation"]
+        for dtype, row in by.items():
+            out.append(f"| {d['model']} ({d['resolution']} px) | {dtype} | "
+                       + " | ".join(f3(row.get(mu)) for mu in (1e-3, 1e-2, 1e-1)) + " |")
+    return out + [""]
+
+
 def history_section() -> list[str]:
     out = ["## Superseded figures", "",
            "Earlier runs kept in benchmarks/results/ whose figures the tables above replace.", "",
@@ -211,8 +285,8 @@ def render() -> str:
              "architecture built with random weights. Quality on real Stable Diffusion checkpoints was not measured (no "
              "weights where this was built). How to run each benchmark: "
              "[benchmarks/results/README.md](../benchmarks/results/README.md).", ""]
-    for section in (personalization_section, comparison_section, memory_section, quantization_section, stock_section,
-                    history_section):
+    for section in (personalization_section, subject_fidelity_section, comparison_section, memory_section,
+                    sdxl_section, quantization_section, stock_section, gpu_section, scaling_section, history_section):
         lines += section()
     return "\n".join(lines).rstrip() + "\n"
 
