@@ -27,9 +27,11 @@ CURRENT = {
     "quantization_storage": "quantization-2026-11-23.json",
     "stock_pipeline": "2026-12-03/stock_pipeline-zoodip-n8.json",
     "subject_fidelity": "2026-12-04/subject_fidelity-tiny-v1.json",
-    "sdxl_memory": ["2026-12-04/memory-sdxl-zoodip-int8-lowmem.json", "2026-12-04/memory-sdxl-zoodip-int4-lowmem.json"],
+    "sdxl_memory_int8": "2026-12-04/memory-sdxl-zoodip-int8-lowmem.json",
+    "sdxl_memory_int4": "2026-12-04/memory-sdxl-zoodip-int4-lowmem.json",
     "gpu_check": "2026-12-04/gpu_check-h200.json",
-    "zo_noise": ["2026-12-04/zo_noise_embedded.json", "2026-12-04/zo_noise_sd15.json"],
+    "zo_noise_embedded": "2026-12-04/zo_noise_embedded.json",
+    "zo_noise_sd15": "2026-12-04/zo_noise_sd15.json",
     "distributed": "2026-12-04/distributed.json",
     "batch": "2026-12-04/batch.json",
 }
@@ -220,7 +222,7 @@ def subject_fidelity_section() -> list[str]:
 def sdxl_section() -> list[str]:
     out = ["## SDXL memory (1024 px, random weights, CPU, low-memory mode)", "",
            "| method | UNet | whole-process peak | training peak | run |", "|---|---|---|---|---|"]
-    for rel in CURRENT["sdxl_memory"]:
+    for rel in (CURRENT["sdxl_memory_int8"], CURRENT["sdxl_memory_int4"]):
         for r in load(rel)["rows"]:
             out.append(f"| {METHOD_NAMES[r['method']]} | {r['weights']} | {r['whole_process_peak_mib']:.0f} MiB | "
                        f"{r['training_peak']['vmhwm_mib']:.0f} MiB | {link(rel)} |")
@@ -257,7 +259,7 @@ def scaling_section() -> list[str]:
            f"{batch['kill_retry']['resumed_from'][-1]}, and every job finished: {'yes' if batch['all_ok'] else 'no'}.", "",
            "Correlation of ZOODiP's finite differences with float64 ones (`quantdream bench zo-noise`):", "",
            "| model | dtype | mu = 1e-3 | 1e-2 | 1e-1 |", "|---|---|---|---|---|"]
-    for rel in CURRENT["zo_noise"]:
+    for rel in (CURRENT["zo_noise_embedded"], CURRENT["zo_noise_sd15"]):
         d = load(rel)
         by = {}
         for r in d["rows"]:
