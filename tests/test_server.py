@@ -335,6 +335,26 @@ def test_parse_log_reads_personalize_progress():
     assert p["curve"] == [(20, 0.0057), (40, 0.0041)] and p["error"] == "something clear"
 
 
+def test_parse_log_reads_the_line_personalize_writes():
+    """The bar personalize shows (train.PROGRESS_FORMAT, the time plan's ETA in the postfix) is what the server parses."""
+    import io
+
+    from tqdm import tqdm
+
+    from quantdream.server.jobs import parse_log
+    from quantdream.train import PROGRESS_FORMAT
+    buf = io.StringIO()
+    bar = tqdm(total=60, initial=0, desc="zoodip <b>", unit="step", bar_format=PROGRESS_FORMAT, file=buf,
+               mininterval=0, ncols=100)
+    bar.update(20)
+    bar.set_postfix(loss="0.0057", lr="1.0e-02", eta="20s")
+    bar.update(1)
+    bar.close()
+    p = parse_log(buf.getvalue())
+    assert (p["step"], p["steps"]) == (21, 60) and p["curve"] == [(20, 0.0057)]   # the loss first shown at step 20
+    assert p["steps_per_second"] is not None and p["steps_per_second"] > 0
+
+
 def test_server_imports_no_torch():
     """The server process stays light (the 5-second start): torch and diffusers load only in the jobs."""
     import subprocess

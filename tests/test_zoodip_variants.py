@@ -34,6 +34,9 @@ class Quadratic:
     def set_timesteps(self, sampler):
         pass
 
+    def token_table(self):
+        return self.text_encoder.get_input_embeddings().weight
+
     def __call__(self, candidates, batch, generator):
         self.seen.append(candidates.clone())
         return 0.5 * (candidates - self.target).pow(2).flatten(1).sum(1)

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             rows += [{**r, "variant": f"reference {r['variant']}"} for r in ref["per_subject"]
                      if r["subject"] == name and (r["variant"] in ("ti", "zoodip") or r["variant"].startswith("floor"))]
     names = sorted({r["variant"] for r in rows} - set(chosen)) + chosen      # floor, reference rows, then the study's
-    variants = {v: {k: mean([r[k] for r in rows if r["variant"] == v]) for k in METRICS + ("unet_forward_passes",)}
+    variants = {v: {k: mean([r.get(k) for r in rows if r["variant"] == v]) for k in METRICS + ("unet_forward_passes",)}
                 for v in names}
     ti = variants.get("ti") or variants.get("reference ti")
     for v, row in variants.items():

@@ -696,7 +696,8 @@ def load_frozen_model(run: Run) -> None:
         sdxl.check_sdxl_placeholder(run.tokenizer, run.te, tok2, te2, cfg.token, cfg.init_word, cfg.num_vectors,
                                     run.init_vectors)
     elif mcls.kind == "token":
-        if cfg.init_embedding:       # an SDXL pair or another width: named as generate --embedding names it
+        from .models.sdxl import read_sdxl
+        if cfg.init_embedding and read_sdxl(cfg.init_embedding) is not None:   # named as generate --embedding names it
             from .export import check_embedding_fits
             check_embedding_fits(cfg.init_embedding, [run.width], "--init-embedding")
         check_placeholder(run.tokenizer, run.te, cfg.token, cfg.init_word, cfg.num_vectors, run.init_vectors)
@@ -823,6 +824,11 @@ def create_output_folder(run: Run) -> None:
     run.objective.forward_passes = run.passes
 
 
+# tqdm's line without its own remaining-time guess: the ETA in the postfix is the time plan's (quantdream serve
+# reads this line: server/jobs.py PROGRESS)
+PROGRESS_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+
+
 def training_loop(run: Run, progress: bool, callback: Callable[[dict], None] | None) -> bool:
     """Sample a batch, ``method.step``, log, checkpoint, sample grids; Ctrl-C saves and stops.
     Returns True when interrupted."""
@@ -835,7 +841,7 @@ def training_loop(run: Run, progress: bool, callback: Callable[[dict], None] | N
     if progress and ranks.writer:   # its ETA: the plan's model with the s/step of the steps run so far
         from tqdm import tqdm
         bar = tqdm(total=steps, initial=run.step, desc=f"{cfg.method} {cfg.token}", dynamic_ncols=True, unit="step",
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+                   bar_format=PROGRESS_FORMAT)
     pending: list[torch.Tensor] = []
     interrupted = False
     seconds_start = run.seconds

@@ -28,8 +28,9 @@ from .store import TOKEN_METHODS, RequestError, Store, read_json
 
 logger = logging.getLogger(__name__)
 
-# tqdm's line for the training loop (unit="step"); "Loading pipeline components" uses it/s and is skipped
-PROGRESS = re.compile(r"(\d+)/(\d+) \[[^\]<]*<[^,\]]*,\s*(\?|[\d.]+)(step/s|s/step)(?:, loss=([-+\d.eE]+))?")
+# tqdm's line for the training loop (unit="step"; train.PROGRESS_FORMAT, or tqdm's default with a remaining-time
+# guess; tqdm sorts the postfix, so eta= comes before loss=); "Loading pipeline components" uses it/s and is skipped
+PROGRESS = re.compile(r"(\d+)/(\d+) \[[^\]<,]*(?:<[^,\]]*)?,\s*(\?|[\d.]+)(step/s|s/step)(?:(?:, \w+=[^,\]]*)*?, loss=([-+\d.eE]+))?")
 START = "== quantdream serve: start "
 EVAL = "eval"            # the evaluation's job id (generations are 001, 002, ...)
 ERROR = re.compile(r"^quantdream \w+: error: (.*)$")
