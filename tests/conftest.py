@@ -68,3 +68,17 @@ def random_evaluator(tmp_path_factory):
     export_weights(AttributeReader(ReaderConfig()), ReaderConfig().to_dict(), d, "reader")
     export_weights(WorldClip(WorldClipConfig()), WorldClipConfig().to_dict(), d, "clip")
     return d
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Three 48 px "photos" of a red square on plain backgrounds (seeded): enough for a run to train on."""
+    import numpy as np
+    from PIL import Image
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        a = np.full((48, 48, 3), rng.integers(0, 255, 3), np.uint8)
+        a[12:36, 12:36] = (200, 30, 30)
+        Image.fromarray(a).save(d / f"{i:02d}.png")
+    return d

@@ -31,17 +31,6 @@ def one_line_error(capsys, command: str, pattern: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        a = np.full((48, 48, 3), rng.integers(0, 255, 3), np.uint8)
-        a[12:36, 12:36] = (200, 30, 30)
-        Image.fromarray(a).save(d / f"{i:02d}.png")
-    return d
-
-
-@pytest.fixture(scope="module")
 def real_photos(tmp_path_factory):
     """Two real photographs that ship with scikit-learn (a dependency): not the embedded model's world."""
     from sklearn.datasets import load_sample_images

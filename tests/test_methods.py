@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from quantdream.data.dataset import Batch
 from quantdream.methods import METHODS, method_class, section_name
@@ -23,17 +22,6 @@ TEST_SETTINGS = {
     "dreambooth": {"lr": 1e-3}, "lora": {"lr": 1e-2}, "qlora": {"lr": 1e-2}, "peqa": {"lr": 1e-4},
     "tuneqdm": {"lr": 1e-4}, "tuneqdm-s1": {"lr": 1e-4}, "tuneqdm-s2": {"lr": 1e-4},
 }
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        a = np.full((48, 48, 3), rng.integers(0, 255, 3), np.uint8)
-        a[12:36, 12:36] = (200, 30, 30)
-        Image.fromarray(a).save(d / f"{i:02d}.png")
-    return d
 
 
 def load_pipe(tiny_model):

@@ -2,10 +2,8 @@
 and ZOODiP across processes (the same token from 2 gloo ranks as from one process)."""
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from quantdream.cli.main import main
@@ -13,17 +11,6 @@ from quantdream.distributed import share
 from quantdream.plan import TimePlan, grid_passes
 from quantdream.bench.zo_noise import NoiseSpec, zo_noise
 from quantdream.precision import check_zo_precision
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        a = np.full((48, 48, 3), rng.integers(0, 255, 3), np.uint8)
-        a[12:36, 12:36] = (200, 30, 30)
-        Image.fromarray(a).save(d / f"{i:02d}.png")
-    return d
 
 
 def args(model, images, out, *extra):
