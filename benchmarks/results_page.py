@@ -32,12 +32,14 @@ CURRENT = {
     "gpu_check": "2026-12-04/gpu_check-h200.json",
     "zo_noise_embedded": "2026-12-04/zo_noise_embedded.json",
     "zo_noise_sd15": "2026-12-04/zo_noise_sd15.json",
-    "distributed": "2026-12-04/distributed.json",
+    "distributed": "2026-12-04/distributed-idle.json",
     "batch": "2026-12-04/batch.json",
 }
 
 # (superseded JSON, what it measured, how to read its headline figure, why it was replaced)
 HISTORY = [
+    ("2026-12-04/distributed.json", "ZOODiP n = 8 on 2 ranks, measured while other work shared the 2 cores",
+     ("distributed", None), "measured again on idle cores (distributed-idle.json)"),
     ("2026-11-24/personalization-10subjects.json", "ZOODiP, 10 subjects, the paper's PUTS [500, 900), n = 2",
      ("personalization", "zoodip"), "PUTS [800, 1000) learned the subject better on this model"),
     ("2026-11-24/personalization-10subjects-puts800.json", "ZOODiP, 10 subjects, PUTS [800, 1000), n = 2",
@@ -107,6 +109,8 @@ def headline(rel: str, kind: tuple[str, str | None]) -> str:
     if what == "memory":
         b = d["bars"]
         return f"{b['zoodip_whole_process_mib']:.0f} MiB, TI / ZOODiP {b['ti_over_zoodip_whole_process']:.2f}x"
+    if what == "distributed":
+        return f"speedup with 2 ranks {d['speedup_2ranks']:.2f}x"
     if what == "quantization_memory":
         return f"{d[key]['vmhwm_mib'] / 1024:.3f} GiB"
     raise ValueError(f"unknown headline kind {what!r}")
