@@ -33,11 +33,13 @@ CURRENT = {
     "zo_noise_embedded": "2026-12-04/zo_noise_embedded.json",
     "zo_noise_sd15": "2026-12-04/zo_noise_sd15.json",
     "distributed": "2026-12-04/distributed-idle.json",
-    "batch": "2026-12-04/batch.json",
+    "batch": "2026-12-04/batch-idle.json",
 }
 
 # (superseded JSON, what it measured, how to read its headline figure, why it was replaced)
 HISTORY = [
+    ("2026-12-04/batch.json", "8 Ray jobs on 2 workers vs one after the other, while other work shared the cores",
+     ("batch", None), "measured again on idle cores (batch-idle.json)"),
     ("2026-12-04/distributed.json", "ZOODiP n = 8 on 2 ranks, measured while other work shared the 2 cores",
      ("distributed", None), "measured again on idle cores (distributed-idle.json)"),
     ("2026-11-24/personalization-10subjects.json", "ZOODiP, 10 subjects, the paper's PUTS [500, 900), n = 2",
@@ -109,6 +111,8 @@ def headline(rel: str, kind: tuple[str, str | None]) -> str:
     if what == "memory":
         b = d["bars"]
         return f"{b['zoodip_whole_process_mib']:.0f} MiB, TI / ZOODiP {b['ti_over_zoodip_whole_process']:.2f}x"
+    if what == "batch":
+        return f"{d['speedup']:.2f}x faster on 2 workers"
     if what == "distributed":
         return f"speedup with 2 ranks {d['speedup_2ranks']:.2f}x"
     if what == "quantization_memory":
