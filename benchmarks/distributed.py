@@ -1,6 +1,6 @@
 """ZOODiP across processes and the time plan, on the embedded model. Prints one JSON object.
 
-    python benchmarks/distributed.py                          # about 10 minutes on 2 free cores
+    python benchmarks/distributed.py                          # about 12 minutes on 2 free cores
     python benchmarks/distributed.py --steps 50 --eta-steps 200 --out out/bench_distributed
 
 Every run is ``quantdream personalize`` on examples/subjects/teal_bag, int8 weights, 1 thread per process,
@@ -9,7 +9,9 @@ no sample grids, in a fresh subprocess:
     bit_identical   the token after --steps steps from 2 local gloo ranks (--nproc 2) against one process with
                     the same candidate shards (--set candidate_shards=2), for zoodip, zoodip-fast and gf-ti;
                     also how far one process with one batch of all candidates ends (max |difference|)
-    speedup_2ranks  zoodip (n = 8: 9 candidates a step) training seconds, 1 process x 1 thread / 2 ranks x 1 thread
+    speedup_2ranks  zoodip (n = 8: 9 candidates a step) training seconds, 1 process x 1 thread / 2 ranks x 1 thread:
+                    the median of --repeats pairs of --speed-steps runs, the two runs of a pair back to back (one
+                    pair is at the mercy of a neighbour's burst on a shared machine: every pair is in the JSON)
     bytes_per_step  what a rank sends a step: its share of the losses (all-gather) + the Ctrl-C flag
     eta_error       the time plan's training ETA against the measured training time of an --eta-steps run,
                     (plan - actual) / actual
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +60,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50, help="steps of the bit-identity and speed runs (default 50)")
     ap.add_argument("--gfti-steps", type=int, default=20, help="gf-ti's steps (20 candidates a step; default 20)")
     ap.add_argument("--eta-steps", type=int, default=200, help="steps of the ETA run (default 200)")
+    ap.add_argument("--speed-steps", type=int, default=100, help="steps of each speed-up run (default 100)")
+    ap.add_argument("--repeats", type=int, default=3, help="pairs of speed-up runs; the median counts (default 3)")
     ap.add_argument("--out", default="out/bench_distributed")
     a = ap.parse_args()
     out = Path(a.out)
@@ -76,8 +81,15 @@ def main() -> None:
                                                   "unet_forward_passes": r["unet_forward_passes"],
                                                   "bytes_per_step": r.get("bytes_per_step")}
         if method == "zoodip":
-            result["speedup_2ranks"] = round(one["seconds"] / two["seconds"], 3)
             result["bytes_per_step"] = two["bytes_per_step"]
+    pairs = []
+    for i in range(a.repeats):
+        one = personalize(out / "zoodip-speed-1proc", "zoodip", a.speed_steps)
+        two = personalize(out / "zoodip-speed-2ranks", "zoodip", a.speed_steps, "--nproc", "2")
+        pairs.append({"1proc_seconds": one["seconds"], "2ranks_seconds": two["seconds"],
+                      "speedup": round(one["seconds"] / two["seconds"], 3)})
+    result["speedup_2ranks"] = statistics.median(p["speedup"] for p in pairs)
+    result["speedup_pairs"] = pairs
     eta = personalize(out / "zoodip-eta", "zoodip", a.eta_steps)
     plan = eta["plan"]
     result["eta_error"] = round((plan["training_seconds"] - eta["seconds"]) / eta["seconds"], 4)
@@ -85,7 +97,8 @@ def main() -> None:
                          "plan_training_seconds": round(plan["training_seconds"], 2),
                          "actual_seconds": eta["seconds"]}
     result["settings"] = {"model": "tiny (embedded), int8", "subject": "teal_bag", "threads_per_process": 1,
-                          "steps": a.steps, "gfti_steps": a.gfti_steps, "cpu_count": os.cpu_count(),
+                          "steps": a.steps, "gfti_steps": a.gfti_steps, "speed_steps": a.speed_steps,
+                          "repeats": a.repeats, "cpu_count": os.cpu_count(),
                           "torch": torch.__version__, "command": "python benchmarks/distributed.py " +
                           " ".join(sys.argv[1:])}
     print(json.dumps(result, indent=1))

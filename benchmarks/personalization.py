@@ -3,6 +3,7 @@
     python benchmarks/personalization.py                           # every example subject (hours on 2 cores)
     python benchmarks/personalization.py --subjects teal_bag,olive_coat --out out/bench_personalization
     python benchmarks/personalization.py ... --variants zoodip,ti  # a subset; rerun to resume
+    python benchmarks/personalization.py --ray --threads 1         # the runs as Ray tasks, one core each
 
 For each subject (same seeds for every variant): trains every variant below with ``quantdream personalize``,
 then scores all of them, plus the init word with no personalization (the floor), with ``quantdream
@@ -68,17 +69,17 @@ def variants(zoodip_steps: int, zoodip_lr: float, fraction: float, ti_steps: int
     }
 
 
-def train(subject: Path, name: str, method: str, section: dict, steps: int, out: Path, seed: int,
-          threads: int, model: str, extra: dict | None = None, callback=None) -> Path:
-    """One personalize run into ``out``; a finished run is kept, an interrupted one resumed. ``extra``: more
-    run settings (e.g. checkpoint_every); ``callback``: personalize's per-step callback."""
+def run_config(subject: Path, method: str, section: dict, steps: int, out: Path, seed: int, threads: int,
+               model: str, extra: dict | None = None):
+    """The personalize settings of one run into ``out``, or None when a finished, current run is there (a stale
+    one is removed; an interrupted one is resumed). ``extra``: more run settings (e.g. checkpoint_every)."""
     from quantdream.methods import section_name
-    from quantdream.train import build_config, personalize
+    from quantdream.train import build_config
     from quantdream.world.subjects import load_subject
     if (out / "run.json").is_file():
         why = stale(out, method, section, steps, model)
         if why is None:
-            return out
+            return None
         print(f"  {out}: {why}; training it again", file=sys.stderr)
         shutil.rmtree(out)
     resume = (out / "checkpoint.pt").is_file()
@@ -90,8 +91,32 @@ def train(subject: Path, name: str, method: str, section: dict, steps: int, out:
                  "resume": resume, section_name(method): section, **(extra or {})}
     if steps:
         overrides["steps"] = steps
+    return build_config(overrides=overrides)
+
+
+def train_on_ray(runs: list[tuple[str, Path, str, object]], out: Path, address: str | None) -> None:
+    """Train (job name, subject, method, run config) as Ray tasks with ``quantdream batch``'s requests and
+    retries (a killed worker's run continues from its checkpoint); stops if any job fails."""
+    from quantdream.batch import BatchSettings, Job, estimate_memory_mib, run_batch
+    jobs = [Job(name=name, method=method, subject=subject, cfg=cfg, num_cpus=max(1, cfg.threads),
+                memory_mib=estimate_memory_mib(method, cfg.model)) for name, subject, method, cfg in runs]
+    report = run_batch(jobs, out, BatchSettings(address=address, callback=lambda row: print(
+        f"  {row['job']}: {row['status']}", file=sys.stderr)))
+    failed = [f"{r['job']} ({r.get('note', r['status'])})" for r in report["rows"] if r["status"] != "ok"]
+    if failed:
+        raise SystemExit(f"{len(failed)} Ray jobs did not finish: {'; '.join(failed)}; see {out / 'batch.md'}")
+
+
+def train(subject: Path, name: str, method: str, section: dict, steps: int, out: Path, seed: int,
+          threads: int, model: str, extra: dict | None = None, callback=None) -> Path:
+    """One personalize run into ``out``; a finished run is kept, an interrupted one resumed. ``extra``: more
+    run settings (e.g. checkpoint_every); ``callback``: personalize's per-step callback."""
+    from quantdream.train import personalize
+    cfg = run_config(subject, method, section, steps, out, seed, threads, model, extra)
+    if cfg is None:
+        return out
     t = time.perf_counter()
-    res = personalize(build_config(overrides=overrides), callback=callback)
+    res = personalize(cfg, callback=callback)
     if not res.completed:
         raise KeyboardInterrupt
     print(f"  trained {name} on {subject.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -226,6 +251,9 @@ def gap_closed(rows: list[dict], ceilings: dict[str, dict]) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_harness_args(ap, "out/bench_personalization")
+    ap.add_argument("--ray", action="store_true", help="train the runs as Ray tasks first (quantdream batch's requests "
+                    "and retries; pip install 'quantdream[batch]'), then evaluate")
+    ap.add_argument("--ray-address", dest="ray_address", default=None, help="an existing Ray cluster (default: a local one)")
     ap.add_argument("--variants", default="", help="comma-separated variants (default all; see above)")
     ap.add_argument("--zoodip-steps", dest="zoodip_steps", type=int, default=0,
                     help="zoodip's steps (default: personalize's embedded-model default)")
@@ -252,6 +280,12 @@ def main(argv=None) -> int:
     out = Path(a.out).resolve()
     rows: list[dict] = []
     ceilings: dict[str, dict] = {}
+    if a.ray:
+        todo = [(f"{subject.name}-{v}", subject, table[v][0], cfg) for subject in subjects for v in chosen
+                if (cfg := run_config(subject, *table[v], out / "runs" / subject.name / v, a.seed, a.threads,
+                                      a.model)) is not None]
+        if todo:
+            train_on_ray(todo, out / "ray", a.ray_address)
     for subject in subjects:
         name = subject.name
         runs = {v: train(subject, v, *table[v], out / "runs" / name / v, a.seed, a.threads, a.model)

@@ -32,12 +32,17 @@ CURRENT = {
     "gpu_check": "2026-12-04/gpu_check-h200.json",
     "zo_noise_embedded": "2026-12-04/zo_noise_embedded.json",
     "zo_noise_sd15": "2026-12-04/zo_noise_sd15.json",
-    "distributed": "2026-12-04/distributed-idle.json",
-    "batch": "2026-12-04/batch-idle.json",
+    "zo_noise_sd15_cuda": "2026-12-04/zo_noise_sd15_cuda512.json",
+    "distributed": "2026-12-04/distributed-median.json",
+    "batch": "2026-12-04/batch-reuse.json",
 }
 
 # (superseded JSON, what it measured, how to read its headline figure, why it was replaced)
 HISTORY = [
+    ("2026-12-04/distributed-idle.json", "ZOODiP n = 8 on 2 ranks, one pair of 50-step runs on idle cores",
+     ("distributed", None), "the median of 3 pairs of 100-step runs (distributed-median.json)"),
+    ("2026-12-04/batch-idle.json", "8 Ray jobs of 40 steps on 2 workers vs one after the other, a fresh worker per job",
+     ("batch", None), "workers kept between jobs, 200-step jobs, the kill in a batch of its own (batch-reuse.json)"),
     ("2026-12-04/batch.json", "8 Ray jobs on 2 workers vs one after the other, while other work shared the cores",
      ("batch", None), "measured again on idle cores (batch-idle.json)"),
     ("2026-12-04/distributed.json", "ZOODiP n = 8 on 2 ranks, measured while other work shared the 2 cores",
@@ -254,26 +259,33 @@ def gpu_section() -> list[str]:
                       f"(budget).", ""]
 
 
+def pairs_note(dist: dict) -> str:
+    """'; the median of K pairs, from A to B' when the run repeated its speed pairs."""
+    pairs = [p["speedup"] for p in dist.get("speedup_pairs", [])]
+    return f"; the median of {len(pairs)} pairs, {min(pairs):.2f} to {max(pairs):.2f}" if len(pairs) > 1 else ""
+
+
 def scaling_section() -> list[str]:
     dist, batch = load(CURRENT["distributed"]), load(CURRENT["batch"])
     same = ", ".join(m for m, ok in dist["bit_identical"].items() if ok)
     out = ["## Time to a token", "",
            f"- ZOODiP across processes ({link(CURRENT['distributed'])}; `benchmarks/distributed.py`): bit-identical "
            f"tokens with 2 ranks for {same}; speedup with 2 ranks {dist['speedup_2ranks']:.2f}x (n = 8, embedded, 1 thread "
-           f"a rank); {dist['bytes_per_step']:.0f} bytes a step; the time plan's ETA off by "
+           f"a rank{pairs_note(dist)}); {dist['bytes_per_step']:.0f} bytes a step; the time plan's ETA off by "
            f"{100 * dist['eta_error']:+.1f}% on a 200-step run.",
-           f"- Many jobs on Ray ({link(CURRENT['batch'])}; `benchmarks/batch.py`): {batch['jobs']} jobs on 2 workers "
+           f"- Many jobs on Ray ({link(CURRENT['batch'])}; `benchmarks/batch.py`): {batch['jobs']} jobs of {batch['steps']} steps on 2 workers "
            f"{batch['speedup']:.2f}x faster than one after the other; a killed job resumed from step "
            f"{batch['kill_retry']['resumed_from'][-1]}, and every job finished: {'yes' if batch['all_ok'] else 'no'}.", "",
            "Correlation of ZOODiP's finite differences with float64 ones (`quantdream bench zo-noise`):", "",
            "| model | dtype | mu = 1e-3 | 1e-2 | 1e-1 |", "|---|---|---|---|---|"]
-    for rel in (CURRENT["zo_noise_embedded"], CURRENT["zo_noise_sd15"]):
+    for rel in (CURRENT["zo_noise_embedded"], CURRENT["zo_noise_sd15"], CURRENT["zo_noise_sd15_cuda"]):
         d = load(rel)
         by = {}
         for r in d["rows"]:
             by.setdefault(r["dtype"], {})[r["mu"]] = r["correlation"]
+        where = f", {d['gpu']}" if d.get("gpu") else ""
         for dtype, row in by.items():
-            out.append(f"| {d['model']} ({d['resolution']} px) | {dtype} | "
+            out.append(f"| {d['model']} ({d['resolution']} px{where}) | {dtype} | "
                        + " | ".join(f3(row.get(mu)) for mu in (1e-3, 1e-2, 1e-1)) + " |")
     return out + [""]
 

@@ -106,11 +106,16 @@ def test_personalization_benchmark_end_to_end_and_resume(tiny_model, random_eval
     assert bench.main(argv) == 0                       # a rerun keeps the finished runs and evaluation
     assert (tmp_path / "b" / "runs" / "teal_bag" / "zoodip" / "run.json").stat().st_mtime_ns == stamp
     assert json.loads(capsys.readouterr().out)["variants"] == V
-    # a new variant is trained and evaluated alone, then merged: the earlier rows are kept as they were
+    # a new variant is trained (as a Ray task, where Ray is installed) and evaluated alone, then merged: the
+    # earlier rows are kept as they were, and Ray gets only the run that is missing
     ev = tmp_path / "b" / "eval" / "teal_bag"
     before = {r["name"]: r["metrics"] for r in json.loads((ev / "metrics.json").read_text())["rows"]}
     argv[argv.index("zoodip,ti,budget-cosine")] = "zoodip,ti,budget-cosine,budget-paper"
-    assert bench.main(argv) == 0
+    ray = importlib.util.find_spec("ray") is not None
+    assert bench.main(argv + ["--ray"] * ray) == 0
+    if ray:
+        jobs = json.loads((tmp_path / "b" / "ray" / "batch.json").read_text())["rows"]
+        assert [(r["job"], r["status"]) for r in jobs] == [("teal_bag-budget-paper", "ok")]
     after = {r["name"]: r["metrics"] for r in json.loads((ev / "metrics.json").read_text())["rows"]}
     assert set(after) == set(before) | {"budget-paper"} and all(after[k] == before[k] for k in before)
     assert (ev / "grids" / "budget_paper__teal_bag.png").is_file() and not (ev / "partial").exists()

@@ -1,8 +1,10 @@
 """Many personalization jobs on Ray: ``quantdream batch JOBS.toml``.
 
 Every job (one subject, one method) is one Ray task with a CPU and a memory request, so the scheduler never
-runs more jobs at once than the machine (or cluster) holds. A task trains with ``train.personalize`` in a fresh
-worker process (``max_calls=1``) and writes its run folder as ``quantdream personalize`` does. A worker that
+runs more jobs at once than the machine (or cluster) holds. A task trains with ``train.personalize`` in a Ray
+worker process and writes its run folder as ``quantdream personalize`` does. Workers are kept between jobs, so
+torch and the model libraries are imported once per worker, not once per job (each job sets its own threads and
+measures its own training peak: VmHWM is reset before its first step). A worker that
 dies (killed, out of memory) is started again by Ray (``max_retries``); the new attempt continues from the
 run's last checkpoint (``--resume`` semantics), so only the work since that checkpoint is lost.
 
@@ -244,7 +246,7 @@ def run_batch(jobs: list[Job], out: str | Path, settings: BatchSettings) -> dict
     try:
         check_fits(jobs, ray.cluster_resources())
         (out / "attempts").mkdir(parents=True, exist_ok=True)
-        task = ray.remote(max_calls=1)(train_job)   # a fresh process per attempt
+        task = ray.remote(train_job)   # workers are reused: imports are paid once per worker
         refs = {}
         for job in jobs:
             refs[task.options(num_cpus=job.num_cpus, memory=job.memory_mib * 2**20,

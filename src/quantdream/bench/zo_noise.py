@@ -38,11 +38,11 @@ def _components(spec: NoiseSpec) -> dict:
 
         from ..models import embedded
         from ..models.arch import build
-        te = build(spec.model, "text_encoder", seed=spec.seed + 2)
+        te = build(spec.model, "text_encoder", seed=spec.seed + 2).to(spec.device)
         tok = CLIPTokenizer.from_pretrained(str(embedded.TOKENIZER_DIR),
                                             model_max_length=te.config.max_position_embeddings)
         return dict(tokenizer=tok, text_encoder=te, scheduler=DDPMScheduler(**embedded.SCHEDULER_CONFIG),
-                    unet=lambda dtype: build(spec.model, "unet", seed=spec.seed).to(dtype))
+                    unet=lambda dtype: build(spec.model, "unet", seed=spec.seed).to(spec.device, dtype))
     from ..train import load_components
     c = load_components(spec.model, torch.device(spec.device), torch.float32)
     return dict(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], scheduler=c["scheduler"],
@@ -99,10 +99,10 @@ def zo_noise(spec: NoiseSpec, log=lambda s: None) -> dict:
         obj.set_timesteps(TimestepSampler(t, t + 1))
         cand = est.candidates(theta, e)
         with (_float64_losses() if f64 else _nullctx()):
-            losses = obj(cand, batch, torch.Generator(device=spec.device).manual_seed(spec.seed + t))
+            losses = obj(cand, batch, torch.Generator().manual_seed(spec.seed + t))   # CPU draws: any device
         return (losses[1:].double() - losses[0].double()) / est.mu
 
-    e = torch.randn((spec.n, *theta.shape), generator=g)
+    e = torch.randn((spec.n, *theta.shape), generator=g).to(theta.device)
     ref, rows = {}, []
     ref_obj = objective(torch.float64)
     for mu in spec.mus:
@@ -129,7 +129,11 @@ def zo_noise(spec: NoiseSpec, log=lambda s: None) -> dict:
         obj.close()
         del obj
         gc.collect()
-    return {"model": spec.model, "resolution": spec.resolution or side * 8, "n": spec.n,
+    device = torch.device(spec.device)
+    extra = {} if device.type != "cuda" else {   # cuDNN convolutions in TF32 by default: "fp32" is TF32 there
+        "gpu": torch.cuda.get_device_name(device), "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
+    return {"model": spec.model, "device": str(device), **extra, "resolution": spec.resolution or side * 8, "n": spec.n,
             "timesteps": list(spec.timesteps), "seed": spec.seed, "min_correlation": MIN_CORRELATION,
             "weights": "float (unquantized)", "rows": rows}
 

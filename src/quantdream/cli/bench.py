@@ -65,6 +65,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--resolution", type=int, default=0, help="image size in px (default: the model's native size)")
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    a("--device", default="cpu", help="cpu (default) or cuda[:N]")
     a("--out", help="also write the table as JSON to this file")
     p.set_defaults(_parser=p)
     return p
@@ -78,7 +79,7 @@ def run_zo_noise(args) -> int:
         spec = NoiseSpec(model=args.model, dtypes=tuple(d.strip() for d in args.dtype.split(",") if d.strip()),
                          mus=tuple(float(m) for m in args.mu.split(",") if m.strip()), n=args.n,
                          timesteps=tuple(int(t) for t in args.timesteps.split(",") if t.strip()),
-                         resolution=args.resolution, seed=args.seed)
+                         resolution=args.resolution, seed=args.seed, device=args.device)
     except ValueError as e:
         raise ValueError(f"--mu / --timesteps must be comma-separated numbers: {e}") from None
     if args.n < 2 or not spec.timesteps or not all(0 <= t < 1000 for t in spec.timesteps):

@@ -222,7 +222,7 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
     else:
         vae = AutoencoderKL(**VAE_CONFIG)
     vae.to(dev).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, fused=dev.type == "cuda")
     g = torch.Generator(device=dev).manual_seed(cfg.seed)
     start, step = time.time(), 0
     while time.time() < end:
@@ -301,7 +301,7 @@ def train_unet(cfg: V2Config, data: Prerender, vae, dev, end: float, log: Log):
     empty = torch.tensor(tok("", padding="max_length", max_length=MAX_LENGTH).input_ids, device=dev)
     ac = sched.alphas_cumprod.to(dev)
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, fused=dev.type == "cuda")
     ema = [p.detach().clone() for p in params]
     g = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     start, step, last_ckpt = time.time(), 0, time.time()
