@@ -74,6 +74,16 @@ def test_zo_noise_fp32_matches_float64_and_bf16_does_not_at_small_mu(tiny_model)
     assert corr["bf16"] < 0.9
 
 
+def test_zo_noise_on_a_cuda_device_torch_cannot_see_is_one_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    out = tmp_path / "zo.json"
+    assert main(["bench", "zo-noise", "--model", "tiny", "--device", "cuda", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "torch sees no CUDA device; use --device cpu or auto" in err and err.count("\n") == 0, err
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- processes
 def test_share_splits_candidates_evenly_and_in_order():
     for K in (1, 3, 9, 20):

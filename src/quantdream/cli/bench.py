@@ -65,7 +65,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     a("--resolution", type=int, default=0, help="image size in px (default: the model's native size)")
     a("--seed", type=int, default=0)
     a("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    a("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    a("--device", default="cpu", help="cpu (default), cuda[:N] or auto")
     a("--out", help="also write the table as JSON to this file")
     p.set_defaults(_parser=p)
     return p
@@ -75,6 +75,8 @@ def run_zo_noise(args) -> int:
     import torch
 
     from ..bench.zo_noise import NoiseSpec, zo_noise
+    from ..models.load import pick_device
+    args.device = pick_device(args.device)          # a CUDA device torch cannot see: one line, exit 2
     try:
         spec = NoiseSpec(model=args.model, dtypes=tuple(d.strip() for d in args.dtype.split(",") if d.strip()),
                          mus=tuple(float(m) for m in args.mu.split(",") if m.strip()), n=args.n,
