@@ -6,9 +6,11 @@ computed exactly from its pixels, with no network.
     pixelated  the share of the image's first-difference energy that sits on a k x k block grid (k = 5):
                f = sum of d^2 across block borders / sum of d^2 (best grid offset, both axes);
                a block-constant image has f = 1, a smooth one about 1/k; score = (f - 1/k) / (1 - 1/k)
-    outlined   the share of strong edges (|grad L| >= 0.25) that border a thin dark line: a pixel with
-               luminance L <= 0.2 that has a brighter pixel (by >= 0.25) within 3 px on both sides along
-               a row or a column
+    outlined   the share of dark strong edges that border a thin dark line: E = strong edges (|grad L| >= 0.25,
+               L the luminance) within 1 px of a dark pixel (L <= 0.2); a line pixel is dark with a pixel
+               brighter by >= 0.12 within 3 px on both sides along a row or a column;
+               score = |E near a line| / (|E| + 16), the 16 px keeping images with few dark edges near 0
+               (background patterns without dark pixels do not dilute it)
 Each style's photos score high and plain renders of the same scenes low (tests/test_styles.py); the
 numbers are meant for comparing methods on the same prompts and seeds, not as absolute truths.
 """
@@ -22,8 +24,9 @@ PASTEL_MIN_CHANNEL = 0.5
 PASTEL_MAX_SATURATION = 0.35
 EDGE = 0.25             # strong-edge threshold on luminance differences (central, in [0, 1] units)
 DARK = 0.2              # a line pixel's luminance is at most this
-CONTRAST = 0.25         # its flanks are brighter by at least this
+CONTRAST = 0.12        # its flanks are brighter by at least this
 REACH = 3               # ... within this many pixels on each side
+OUTLINE_PRIOR = 16      # edge pixels added to the outlined score's denominator
 
 
 def as_float(image) -> np.ndarray:
@@ -104,11 +107,9 @@ def strong_edges(lum: np.ndarray) -> np.ndarray:
 def outlined_score(image) -> float:
     from ..world.styles import dilate
     lum = luminance(as_float(image))
-    edges = strong_edges(lum)
-    if not edges.any():
-        return 0.0
+    edges = strong_edges(lum) & dilate(lum <= DARK, 1)                 # strong edges with a dark side
     near_line = dilate(dark_lines(lum), 1)
-    return float((edges & near_line).sum() / edges.sum())
+    return float((edges & near_line).sum() / (edges.sum() + OUTLINE_PRIOR))
 
 
 SCORES = {"pastel": pastel_score, "outlined": outlined_score, "pixelated": pixelated_score}
