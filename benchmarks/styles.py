@@ -12,6 +12,7 @@ For each style under examples/styles (world/styles.py: pastel, outlined, pixelat
     floor     the same prompts with the init word in place of the token (nothing learned), on the same model
               and weights (int8 for zoodip, fp32 for ti) and the same seeds
     ceiling   the style photos' own score; ``plain`` the same scenes rendered without the style
+Rows of --out/grids/<style>.png: the photos, then per floor and method the first image of every class.
 Every image is scored with eval/style_score.py (a pixel statistic in [0, 1]); a method passes on a style
 when its mean score is above its floor's. Finished runs, floor images and scores are kept under --out,
 so an interrupted benchmark continues where it stopped.
@@ -175,6 +176,17 @@ def photo_scores(style_dir: Path) -> tuple[list[float], list[float] | None]:
                      for p in meta["photos"]]
 
 
+def save_grid(style_dir: Path, rows: dict[str, list[Path]], per_class: int, out: Path) -> None:
+    """One row per entry (the photos, each floor, each method): the first image of every class."""
+    from PIL import Image
+
+    from quantdream.models.sample import make_grid
+    photos = [Image.open(style_dir / f"{i:02d}.png").convert("RGB") for i in range(5)]
+    grid = [photos] + [[Image.open(f).convert("RGB") for f in files[::per_class]] for files in rows.values()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(grid).save(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
@@ -223,6 +235,7 @@ def main(argv=None) -> int:
         ceiling, plain = photo_scores(style)
         row: dict = {"ceiling": mean(ceiling), "ceiling_per_photo": ceiling,
                      "plain": mean(plain) if plain else None, "floor": {}}
+        shown: dict[str, list[Path]] = {}
         for m in methods:
             run_dir = train(style, m, steps[m], out / "runs" / name / m, args.init_word, args.seed, args.threads,
                             args.model)
@@ -231,12 +244,15 @@ def main(argv=None) -> int:
             if weights not in row["floor"]:           # the floor's images do not depend on the style: kept once
                 fl = floor_images(run_dir, gs, out / "images" / "floor" / weights)
                 row["floor"][weights] = mean(scores(fl, name))
+                shown[f"floor ({weights})"] = fl
+            shown[m] = files
             s = scores(files, name)
             row[m] = {"score": mean(s), "scores": s, "weights": weights, "floor": row["floor"][weights],
                       "above_floor": mean(s) > row["floor"][weights],
                       **{k: summary.get(k) for k in ("steps", "unet_forward_passes", "seconds")}}
             print(f"{name} {m}: {row[m]['score']:.3f} (floor {row[m]['floor']:.3f}, ceiling {row['ceiling']:.3f})",
                   file=sys.stderr)
+        save_grid(style, shown, gs.images_per_class, out / "grids" / f"{name}.png")
         res["styles"][name] = row
     res["bar"] = {f"{m}_above_floor_on_every_style": all(r[m]["above_floor"] for r in res["styles"].values())
                   for m in methods}

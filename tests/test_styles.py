@@ -134,6 +134,7 @@ def test_style_benchmark_end_to_end_and_resume(tiny_model, tmp_path, capsys):
     assert res["bar"]["pass"] == (row["ti"]["above_floor"] and row["zoodip"]["above_floor"])
     files = sorted((tmp_path / "b" / "images" / "pastel" / "ti").glob("*.png"))
     assert [f.name for f in files] == ["p0_0.png", "p1_0.png"]
+    assert Image.open(tmp_path / "b" / "grids" / "pastel.png").size == (5 * 66 + 2, 5 * 66 + 2)   # photos, 2 floors, 2 methods
     assert json.loads((tmp_path / "b" / "images" / "floor" / "int8" / "images.json").read_text())["prompts"] == \
         ["a top in the style of painting", "a bag in the style of painting"]
     run_json = tmp_path / "b" / "runs" / "pastel" / "zoodip" / "run.json"
