@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     res["bar"] = {f"{m}_above_floor_on_every_style": all(r[m]["above_floor"] for r in res["styles"].values())
                   for m in methods}
     res["bar"]["pass"] = all(res["bar"].values())
-    res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["seconds_this_call"] = round(time.perf_counter() - t0, 1)      # kept runs and images cost nothing here
     print(json.dumps(res, indent=1, default=float))
     return 0
 
