@@ -1,2 +1,2 @@
 """quantdream: personalize text-to-image diffusion models on quantized weights."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"
