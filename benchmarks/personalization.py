@@ -69,13 +69,9 @@ def variants(zoodip_steps: int, zoodip_lr: float, fraction: float, ti_steps: int
     }
 
 
-def run_config(subject: Path, method: str, section: dict, steps: int, out: Path, seed: int, threads: int,
-               model: str, extra: dict | None = None):
-    """The personalize settings of one run into ``out``, or None when a finished, current run is there (a stale
-    one is removed; an interrupted one is resumed). ``extra``: more run settings (e.g. checkpoint_every)."""
-    from quantdream.methods import section_name
-    from quantdream.train import build_config
-    from quantdream.world.subjects import load_subject
+def prepare_run_dir(out: Path, method: str, section: dict, steps: int, model: str) -> bool | None:
+    """None when ``out`` holds a finished, current run (keep it); else whether to resume from its checkpoint.
+    A stale finished run, or one that died before its first checkpoint, is removed."""
     if (out / "run.json").is_file():
         why = stale(out, method, section, steps, model)
         if why is None:
@@ -85,6 +81,19 @@ def run_config(subject: Path, method: str, section: dict, steps: int, out: Path,
     resume = (out / "checkpoint.pt").is_file()
     if out.exists() and not resume:
         shutil.rmtree(out)                          # died before its first checkpoint
+    return resume
+
+
+def run_config(subject: Path, method: str, section: dict, steps: int, out: Path, seed: int, threads: int,
+               model: str, extra: dict | None = None):
+    """The personalize settings of one run into ``out``, or None when a finished, current run is there (a stale
+    one is removed; an interrupted one is resumed). ``extra``: more run settings (e.g. checkpoint_every)."""
+    from quantdream.methods import section_name
+    from quantdream.train import build_config
+    from quantdream.world.subjects import load_subject
+    resume = prepare_run_dir(out, method, section, steps, model)
+    if resume is None:
+        return None
     subj = load_subject(subject)
     overrides = {"images": str(subject), "token": f"<{subject.name}>", "init_word": subj["class_word"],
                  "out": str(out), "model": model, "method": method, "seed": seed, "threads": threads, "sample_every": 0,

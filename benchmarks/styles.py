@@ -33,7 +33,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # benchmarks/: the shared harness
-from personalization import mean, model_defaults, stale  # noqa: E402
+from personalization import mean, model_defaults, prepare_run_dir  # noqa: E402
 
 METHODS = ("ti", "zoodip")
 CLASSES = ("top", "trousers", "dress", "coat", "sneaker", "bag")
@@ -66,15 +66,9 @@ def run_config(style: Path, method: str, steps: int, out: Path, init_word: str, 
     """The personalize settings of one style run into ``out``, or None when a finished, current run is there
     (a stale one is removed; an interrupted one is resumed)."""
     from quantdream.train import build_config
-    if (out / "run.json").is_file():
-        why = stale(out, method, {}, steps, model)
-        if why is None:
-            return None
-        print(f"  {out}: {why}; training it again", file=sys.stderr)
-        shutil.rmtree(out)
-    resume = (out / "checkpoint.pt").is_file()
-    if out.exists() and not resume:
-        shutil.rmtree(out)                          # died before its first checkpoint
+    resume = prepare_run_dir(out, method, {}, steps, model)
+    if resume is None:
+        return None
     overrides = {"images": str(style), "token": f"<{style.name}-style>", "init_word": init_word,
                  "learnable_property": "style", "captions": "templates", "out": str(out), "model": model,
                  "method": method, "seed": seed, "threads": threads, "sample_every": 0, "resume": resume}

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .render import CLASSES, COLOUR_NAMES, PATTERNS, POSITIONS, RES, Obj, Scene, render
+from .subjects import load_folder_meta
 
 WHITE = 255.0
 OUTLINE_RGB = (16, 16, 16)
@@ -171,12 +172,7 @@ def write_styles(out: str | Path, fmnist: str | None = None, seed: int = 2026,
 
 def load_style(path: str | Path) -> dict:
     """Read ``style.json`` of a style folder, with a clear error when it is not one."""
-    p = Path(path) / "style.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"{path} is not a style folder: it has no style.json")
-    meta = json.loads(p.read_text())
-    meta["dir"] = str(Path(path))
-    return meta
+    return load_folder_meta(path, "style")
 
 
 def main(argv=None) -> None:

@@ -104,14 +104,20 @@ def write_subjects(out: str | Path, fmnist: str | None = None, seed: int = 2024)
     return written
 
 
-def load_subject(path: str | Path) -> dict:
-    """Read ``subject.json`` of a subject folder, with a clear error when it is not one."""
-    p = Path(path) / "subject.json"
+def load_folder_meta(path: str | Path, kind: str) -> dict:
+    """Read ``<kind>.json`` of an example folder (a subject, a style) plus its ``dir``, with a clear error when
+    the folder has none."""
+    p = Path(path) / f"{kind}.json"
     if not p.is_file():
-        raise FileNotFoundError(f"{path} is not a subject folder: it has no subject.json")
+        raise FileNotFoundError(f"{path} is not a {kind} folder: it has no {kind}.json")
     meta = json.loads(p.read_text())
     meta["dir"] = str(Path(path))
     return meta
+
+
+def load_subject(path: str | Path) -> dict:
+    """Read ``subject.json`` of a subject folder, with a clear error when it is not one."""
+    return load_folder_meta(path, "subject")
 
 
 def main() -> None:
