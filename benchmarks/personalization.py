@@ -109,8 +109,11 @@ def train_on_ray(runs: list[tuple[str, Path, str, object]], out: Path, address: 
     from quantdream.batch import BatchSettings, Job, estimate_memory_mib, run_batch
     jobs = [Job(name=name, method=method, subject=subject, cfg=cfg, num_cpus=max(1, cfg.threads),
                 memory_mib=estimate_memory_mib(method, cfg.model)) for name, subject, method, cfg in runs]
-    report = run_batch(jobs, out, BatchSettings(address=address, callback=lambda row: print(
-        f"  {row['job']}: {row['status']}", file=sys.stderr)))
+    try:
+        report = run_batch(jobs, out, BatchSettings(address=address, callback=lambda row: print(
+            f"  {row['job']}: {row['status']}", file=sys.stderr)))
+    except ValueError as e:   # no Ray installed, a job larger than the cluster: one line, nothing trained
+        raise SystemExit(f"--ray: {e}") from None
     failed = [f"{r['job']} ({r.get('note', r['status'])})" for r in report["rows"] if r["status"] != "ok"]
     if failed:
         raise SystemExit(f"{len(failed)} Ray jobs did not finish: {'; '.join(failed)}; see {out / 'batch.md'}")
