@@ -97,6 +97,46 @@ def test_gpu_v2_runs_tiny_on_cpu_and_exports_a_stock_pipeline(tmp_path, monkeypa
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
 
 
+@needs_fmnist
+@pytest.mark.slow
+def test_resumable_v2_run_continues_after_ctrl_c_in_each_stage(tmp_path, monkeypatch):
+    import torch
+
+    from quantdream.models import train_v2
+    from quantdream.world.fmnist import write_subset
+    write_subset(tmp_path / "fm", per_class=20, test_per_class=2)
+    out = tmp_path / "run"
+    argv = ["--device", "cpu", "--tiny", "--minutes", "3", "--out", str(out), "--fmnist", str(tmp_path / "fm"),
+            "--vae-steps", "2", "--unet-steps", "3", "--threads", "1"]
+    log_step = train_v2.Log.step
+
+    def interrupt_at(stage):
+        def step(self, **kw):
+            log_step(self, **kw)
+            if kw["stage"] == stage:
+                raise KeyboardInterrupt
+        return step
+
+    for stage in ("vae", "unet"):  # Ctrl-C after the first step of each stage
+        monkeypatch.setattr(train_v2, "T_START", time.time())
+        monkeypatch.setattr(train_v2.Log, "step", interrupt_at(stage))
+        with pytest.raises(SystemExit, match="the same command continues"):
+            train_v2.main(argv)
+        assert torch.load(out / f"{stage}-state.pt", weights_only=False)["step"] == 1
+    monkeypatch.setattr(train_v2.Log, "step", log_step)
+    monkeypatch.setattr(train_v2, "T_START", time.time())
+    train_v2.main(argv)
+    log = json.loads((out / "log.json").read_text())
+    ph = log["phases"]
+    assert ph["vae_resumed"]["step"] == 1 and ph["vae_done"]["steps"] == 2
+    assert ph["unet_resumed"]["step"] == 1 and ph["unet_done"]["steps"] == 3
+    assert log["status"] == "complete" and log["invocations"] == 3
+    assert [s["step"] for s in log["steps"] if s["stage"] == "unet"] == [1]  # step 1 logged once, not redone
+    assert json.loads((out / "model" / "training.json").read_text())["unet_steps"] == 3
+    with pytest.raises(SystemExit):
+        train_v2.main(argv[:-4] + ["--vae-steps", "2"])  # one step target without the other
+
+
 def test_embedded_models_by_name(tmp_path, monkeypatch):
     from quantdream.models import embedded, load
     assert load.resolve_model("tiny") == load.resolve_model("tiny-v1") == embedded.PACKAGE_MODEL_DIR

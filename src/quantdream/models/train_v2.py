@@ -19,6 +19,16 @@ One process, four phases, each stopped on time (``--minutes`` covers everything,
 ``DIR`` receives ``model/`` (the export), ``log.json`` (steps, losses, seconds; rewritten as training
 goes), ``vae.pt`` / ``unet-ema.pt`` (checkpoints), ``grid.png`` + ``grid.txt``.
 ``export-v2 --out DIR`` rewrites ``DIR/model`` from those checkpoints (after a run cut short).
+
+**Resumable runs** (CPU over several days, or GPU time in pieces): give the stages' lengths in steps,
+
+    python -m quantdream.models.train_embedded gpu-v2 --device cpu --threads 1 --minutes 150 --out DIR \
+        --images 64000 --vae-steps 600 --unet-steps 30000 --unet-batch 64
+
+and ``--minutes`` only bounds this invocation: the learning-rate schedules follow the step counts, the whole
+state (weights, optimizer, EMA, random state; ``vae-state.pt``, ``latents.pt``, ``unet-state.pt``) is saved
+every ``--ckpt-every-s`` and on Ctrl-C, and the same command continues where the last one stopped. Every
+invocation that reaches the UNet stage exports the EMA weights so far, so ``DIR/model`` is always usable.
 """
 from __future__ import annotations
 
@@ -80,6 +90,13 @@ class V2Config:
     grid_steps: int = 30
     log_every_s: float = 10.0
     eval_images: int = 256  # autoencoder PSNR check after its stage
+    # resumable mode: the stages' lengths in steps (0: the --vae-share / wall-clock schedule above). With
+    # step targets, --minutes is only this invocation's budget: the run checkpoints its whole state
+    # (weights, optimizer, EMA, random state) and the same command continues it, on CPU or GPU.
+    vae_steps: int = 0
+    unet_steps: int = 0
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    ckpt_every_s: float = 60.0
 
 
 TINY = dict(images=256, chunk=128, workers=2, vae_batch=4, unet_batch=4, reserve_s=20.0, grid_steps=2, eval_images=8)
@@ -140,6 +157,7 @@ class Prerender:
         self.pool = mp.get_context("fork").Pool(min(workers, n_chunks), _worker_init, (cfg.fmnist, instances, cfg.seed))
         self.ready, self.n_chunks, self.done, self.error = [], n_chunks, False, None
         self.images = self.masks = self.ids = None
+        self.order: list[tuple[int, int]] = []  # (chunk number, images) in the order they were appended
 
         def collect():
             try:
@@ -163,7 +181,21 @@ class Prerender:
             cat = lambda i, old: torch.cat(([old] if old is not None else []) + [torch.from_numpy(r[i]).to(device)
                                                                                  for r in new])
             self.images, self.masks, self.ids = cat(1, self.images), cat(2, self.masks), cat(3, self.ids)
+            self.order += [(r[0], len(r[1])) for r in new]
         return 0 if self.images is None else len(self.images)
+
+    def sort(self) -> None:
+        """Put the chunks in their numbered order, so image i is the same image in every invocation (the
+        cached latents of a resumed run are indexed like this)."""
+        import torch
+        if self.order == sorted(self.order):
+            return
+        spans, at = {}, 0
+        for k, n in self.order:
+            spans[k], at = (at, at + n), at + n
+        perm = torch.cat([torch.arange(*spans[k]) for k in sorted(spans)]).to(self.ids.device)
+        self.images, self.masks, self.ids = self.images[perm], self.masks[perm], self.ids[perm]
+        self.order = sorted(self.order)
 
     def first(self, device, deadline: float) -> int:
         """Wait for the first chunk (the workers' start-up: imports, the dataset, the tokenizer)."""
@@ -183,8 +215,12 @@ class Prerender:
 
 # ----------------------------------------------------------------------------- helpers
 class Log:
-    def __init__(self, path: Path, cfg: V2Config):
+    def __init__(self, path: Path, cfg: V2Config, resume: bool = False):
         self.path, self.rec, self.last = path, {"config": asdict(cfg), "phases": {}, "steps": []}, 0.0
+        if resume and path.is_file():  # the same run continued: keep its steps, note each invocation
+            old = json.loads(path.read_text())
+            self.rec.update(steps=old.get("steps", []), phases=old.get("phases", {}),
+                            invocations=old.get("invocations", 1) + 1)
 
     def phase(self, name: str, **kw):
         self.rec["phases"][name] = {"t": round(time.time() - T_START, 2), **kw}
@@ -202,6 +238,36 @@ class Log:
         tmp.replace(self.path)
 
 
+class Schedule:
+    """Where a stage stands: a step target (resumable runs; the invocation's end only pauses it) or, with
+    ``target`` 0, a wall-clock window ``[start, end)`` that the stage fills (the one-budget GPU recipe)."""
+
+    def __init__(self, target: int, start: float, end: float):
+        self.target, self.start, self.end = target, start, end
+
+    def running(self, step: int) -> bool:
+        return time.time() < self.end and (not self.target or step < self.target)
+
+    def frac(self, step: int) -> float:
+        return step / self.target if self.target else (time.time() - self.start) / max(1e-6, self.end - self.start)
+
+    def complete(self, step: int) -> bool:
+        return not self.target or step >= self.target
+
+
+def save_state(path: Path, **state) -> None:
+    """torch.save through a temporary file, so a crash mid-write keeps the previous checkpoint."""
+    import torch
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path) -> dict | None:
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
 def lr_at(step: int, base: float, frac: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine to 10% over the stage's wall-clock fraction."""
     return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
@@ -213,6 +279,7 @@ def to_unit(imgs_u8):
 
 # ----------------------------------------------------------------------------- phase 2: autoencoder
 def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
+    """Returns (autoencoder, steps, complete); with a step target the state is kept in OUT/vae-state.pt."""
     import torch
     from diffusers import AutoencoderKL
     from .embedded import PACKAGE_MODEL_DIR, VAE_CONFIG
@@ -224,22 +291,42 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
     vae.to(dev).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, fused=dev.type == "cuda")
     g = torch.Generator(device=dev).manual_seed(cfg.seed)
-    start, step = time.time(), 0
-    while time.time() < end:
-        n = data.take(dev) if step % 50 == 0 else len(data.images)
-        idx = torch.randint(0, n, (cfg.vae_batch,), device=dev, generator=g)
-        x, m = to_unit(data.images[idx]), data.masks[idx][:, None].float() / 255
-        for p in opt.param_groups:
-            p["lr"] = lr_at(step, cfg.vae_lr, (time.time() - start) / max(1e-6, end - start), 50)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss, rec = vae_loss(vae, x, m, cfg.kl_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        step += 1
-        if step % 25 == 0 or step == 1:
-            log.step(stage="vae", step=step, loss=round(loss.item(), 5), images=n)
+    step, state_path = 0, Path(cfg.out) / "vae-state.pt"
+    st = load_state(state_path) if cfg.vae_steps else None
+    if st is not None:
+        vae.load_state_dict(st["vae"])
+        opt.load_state_dict(st["opt"])
+        g.set_state(st["gen"].to(g.get_state().device))
+        step = st["step"]
+        log.phase("vae_resumed", step=step)
+    save = lambda: save_state(state_path, vae=vae.state_dict(), opt=opt.state_dict(), gen=g.get_state(), step=step)
+    sched, last_ckpt = Schedule(cfg.vae_steps, time.time(), end), time.time()
+    try:
+        while sched.running(step):
+            n = data.take(dev) if step % 50 == 0 else len(data.images)
+            idx = torch.randint(0, n, (cfg.vae_batch,), device=dev, generator=g)
+            x, m = to_unit(data.images[idx]), data.masks[idx][:, None].float() / 255
+            for p in opt.param_groups:
+                p["lr"] = lr_at(step, cfg.vae_lr, sched.frac(step), 50)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                loss, rec = vae_loss(vae, x, m, cfg.kl_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            step += 1
+            if step % 25 == 0 or step == 1:
+                log.step(stage="vae", step=step, loss=round(loss.item(), 5), images=n)
+            if cfg.vae_steps and time.time() - last_ckpt > cfg.ckpt_every_s:
+                save()
+                last_ckpt = time.time()
+    finally:  # Ctrl-C or a crash keeps the steps done so far
+        if cfg.vae_steps and step > (st or {}).get("step", 0):
+            save()
+        log.write()
+    if not sched.complete(step):
+        log.phase("vae_paused", steps=step, of=cfg.vae_steps)
+        return vae, step, False
     torch.save(vae.state_dict(), Path(cfg.out) / "vae.pt")
     vae.eval()
     with torch.no_grad():  # reconstruction PSNR of the last eval_images images, whole and on the object
@@ -249,8 +336,16 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
         psnr = float(10 * torch.log10(4.0 / se.mean()))
         psnr_obj = float(10 * torch.log10(4.0 / ((se * m).sum() / m.sum().clamp_min(1e-8))))
     log.phase("vae_done", steps=step, images=len(data.images), psnr=round(psnr, 2), psnr_obj=round(psnr_obj, 2))
-    return vae.eval().requires_grad_(False), step
+    return vae.eval().requires_grad_(False), step, True
 
+
+def load_vae(out: Path, dev):
+    """The finished autoencoder of a resumable run (OUT/vae.pt)."""
+    import torch
+    from .embedded import build_components
+    vae = build_components(recipe="v2")["vae"]
+    vae.load_state_dict(torch.load(out / "vae.pt", map_location="cpu"))
+    return vae.to(dev).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- phase 3: text encoder + UNet
@@ -265,6 +360,32 @@ def encode_latents(vae, images, batch: int = 512):
             mean.append(d.mean.to(torch.bfloat16))
             std.append(d.std.to(torch.bfloat16))
     return torch.cat(mean), torch.cat(std)
+
+
+def encode_cached(vae, images, path: Path, end: float, every_s: float, batch: int = 256):
+    """``encode_latents`` for resumable runs: the encodings go to ``path`` as they are made, so an invocation
+    that runs out of time hands its work to the next one (CPU: ~70 images/s per core). Returns (mean, std, done):
+    mean and std are None while ``done`` < len(images)."""
+    import torch
+    st = load_state(path)
+    if st is None or st["n"] != len(images):
+        st = {"n": len(images), "mean": [], "std": []}
+    done, last = sum(len(m) for m in st["mean"]), time.time()
+    try:
+        while done < len(images):
+            if time.time() > end:
+                return None, None, done
+            m, sd = encode_latents(vae, images[done:done + batch], batch)
+            st["mean"].append(m.cpu())
+            st["std"].append(sd.cpu())
+            done += len(m)
+            if time.time() - last > every_s:
+                save_state(path, **st)
+                last = time.time()
+    finally:
+        save_state(path, **st)
+    dev = images.device
+    return torch.cat(st["mean"]).to(dev), torch.cat(st["std"]).to(dev), done
 
 
 def v1_text_embeddings(te) -> bool:
@@ -286,15 +407,23 @@ def v1_text_embeddings(te) -> bool:
 
 
 def train_unet(cfg: V2Config, data: Prerender, vae, dev, end: float, log: Log):
+    """Returns (steps, scaling, complete); with a step target the whole state is kept in OUT/unet-state.pt.
+    (An invocation that ends while encoding the latents returns (images encoded, None, False).)"""
     import torch
     import torch.nn.functional as F
     from .embedded import MAX_LENGTH, build_components
+    out = Path(cfg.out)
     comps = build_components(recipe="v2")
     tok, te, unet, sched = comps["tokenizer"], comps["text_encoder"], comps["unet"], comps["scheduler"]
     warm_te = v1_text_embeddings(te)
     te.to(dev).train()
     unet.to(dev).train()
-    mean, std = encode_latents(vae, data.images)
+    if cfg.unet_steps:
+        mean, std, done = encode_cached(vae, data.images, out / "latents.pt", end, cfg.ckpt_every_s)
+        if mean is None:
+            return done, None, False
+    else:
+        mean, std = encode_latents(vae, data.images)
     scaling = float(1.0 / mean.float().std())
     log.phase("latents", n=len(mean), scaling=round(scaling, 5), te_from_v1=warm_te)
     ids = data.ids.long()
@@ -304,40 +433,64 @@ def train_unet(cfg: V2Config, data: Prerender, vae, dev, end: float, log: Log):
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, fused=dev.type == "cuda")
     ema = [p.detach().clone() for p in params]
     g = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
-    start, step, last_ckpt = time.time(), 0, time.time()
-    n, b = len(mean), cfg.unet_batch
-    while step == 0 or time.time() < end:  # at least one step, even when the encoding ate the stage's time
-        idx = torch.randint(0, n, (b,), device=dev, generator=g)
-        z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, device=dev, generator=g)) * scaling
-        cap = ids[idx, torch.randint(0, 2, (b,), device=dev, generator=g)]
-        drop = torch.rand(b, device=dev, generator=g) < cfg.p_uncond
-        cap = torch.where(drop[:, None], empty[None], cap)
-        t = torch.randint(0, len(ac), (b,), device=dev, generator=g)
-        noise = torch.randn(z0.shape, device=dev, generator=g)
-        a, s = ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
-        zt, v = a * z0 + s * noise, a * noise - s * z0
-        snr = ac[t] / (1 - ac[t])
-        w = torch.clamp(snr + 1, max=cfg.snr_gamma) / (snr + 1)  # as an x0 loss: weight min(1 + SNR, gamma)
-        for p in opt.param_groups:
-            p["lr"] = lr_at(step, cfg.unet_lr, (time.time() - start) / max(1e-6, end - start), 100)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            pred = unet(zt, t, te(cap)[0]).sample
-        loss = (F.mse_loss(pred.float(), v, reduction="none").mean((1, 2, 3)) * w).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
+    step, state_path = 0, out / "unet-state.pt"
+    st = load_state(state_path) if cfg.unet_steps else None
+    if st is not None:
+        unet.load_state_dict(st["unet"])
+        te.load_state_dict(st["te"])
+        opt.load_state_dict(st["opt"])
         with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(cfg.ema, (1 + step) / (10 + step)))
-        if step % 50 == 0 or step == 1:
-            log.step(stage="unet", step=step, loss=round(loss.item(), 5))
-        if time.time() - last_ckpt > 60:
-            save_ema(cfg, unet, te, params, ema, step, scaling)
-            last_ckpt = time.time()
-    save_ema(cfg, unet, te, params, ema, step, scaling)
-    log.phase("unet_done", steps=step, samples=step * b)
-    return step, scaling
+            for e, v in zip(ema, st["ema"]):
+                e.copy_(v)
+        g.set_state(st["gen"].to(g.get_state().device))
+        step = st["step"]
+        log.phase("unet_resumed", step=step)
+
+    def checkpoint():
+        save_ema(cfg, unet, te, params, ema, step, scaling)
+        if cfg.unet_steps:
+            save_state(state_path, unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(),
+                       ema=[e.detach().cpu() for e in ema], gen=g.get_state(), step=step)
+
+    n, b = len(mean), cfg.unet_batch
+    sch, last_ckpt = Schedule(cfg.unet_steps, time.time(), end), time.time()
+    try:
+        # at least one step in the wall-clock recipe, even when the encoding ate the stage's time
+        while sch.running(step) or (not cfg.unet_steps and step == 0):
+            idx = torch.randint(0, n, (b,), device=dev, generator=g)
+            z0 = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, device=dev, generator=g)) * scaling
+            cap = ids[idx, torch.randint(0, 2, (b,), device=dev, generator=g)]
+            drop = torch.rand(b, device=dev, generator=g) < cfg.p_uncond
+            cap = torch.where(drop[:, None], empty[None], cap)
+            t = torch.randint(0, len(ac), (b,), device=dev, generator=g)
+            noise = torch.randn(z0.shape, device=dev, generator=g)
+            a, s = ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
+            zt, v = a * z0 + s * noise, a * noise - s * z0
+            snr = ac[t] / (1 - ac[t])
+            w = torch.clamp(snr + 1, max=cfg.snr_gamma) / (snr + 1)  # as an x0 loss: weight min(1 + SNR, gamma)
+            for p in opt.param_groups:
+                p["lr"] = lr_at(step, cfg.unet_lr, sch.frac(step), 100)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                pred = unet(zt, t, te(cap)[0]).sample
+            loss = (F.mse_loss(pred.float(), v, reduction="none").mean((1, 2, 3)) * w).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(cfg.ema, (1 + step) / (10 + step)))
+            if step % 50 == 0 or step == 1:
+                log.step(stage="unet", step=step, loss=round(loss.item(), 5))
+            if time.time() - last_ckpt > cfg.ckpt_every_s:
+                checkpoint()
+                last_ckpt = time.time()
+    finally:  # Ctrl-C or a crash keeps the steps done so far
+        checkpoint()
+        log.write()
+    done = sch.complete(step)
+    log.phase("unet_done" if done else "unet_paused", steps=step, samples=step * b, of=cfg.unet_steps or None)
+    return step, scaling, done
 
 
 def save_ema(cfg, unet, te, params, ema, step, scaling):
@@ -422,11 +575,22 @@ def run(cfg: V2Config) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = T_START + cfg.minutes * 60
-    log = Log(out / "log.json", cfg)
+    resumable = bool(cfg.vae_steps and cfg.unet_steps)
+    log = Log(out / "log.json", cfg, resume=resumable)
     identities = make_identities(cfg)
     data = Prerender(cfg, identities["named"])  # fork before the device is touched
+    try:
+        return _train(cfg, out, log, identities, data, deadline, resumable)
+    finally:
+        data.pool.terminate()  # also on Ctrl-C: no rendering workers left behind
+
+
+def _train(cfg: V2Config, out: Path, log: Log, identities: dict, data: Prerender, deadline: float,
+           resumable: bool) -> dict:
     import torch
     dev = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -435,21 +599,40 @@ def run(cfg: V2Config) -> dict:
     log.phase("start", device=str(dev))
     train_end = deadline - cfg.reserve_s
     log.phase("first_chunk", images=data.first(dev, train_end))
-    vae_end = time.time() + cfg.vae_share * (train_end - time.time())
-    vae, vae_steps = train_vae(cfg, data, dev, vae_end, log)
-    n = data.wait(dev, vae_end + 0.1 * (train_end - vae_end))
+    if resumable and (out / "vae.pt").is_file():  # a continued run whose autoencoder is finished
+        vae, vae_steps = load_vae(out, dev), cfg.vae_steps
+    else:
+        vae_end = train_end if resumable else time.time() + cfg.vae_share * (train_end - time.time())
+        vae, vae_steps, vae_done = train_vae(cfg, data, dev, vae_end, log)
+        if not vae_done:
+            return _paused(log, "autoencoder", vae_steps, cfg.vae_steps)
+    n = data.wait(dev, train_end if resumable else vae_end + 0.1 * (train_end - vae_end))
+    if resumable:
+        data.sort()
     log.phase("data", images=n)
-    unet_steps, scaling = train_unet(cfg, data, vae, dev, train_end, log)
+    unet_steps, scaling, unet_done = train_unet(cfg, data, vae, dev, train_end, log)
+    if scaling is None:
+        return _paused(log, "latent encoding", unet_steps, n)
     del data.images, data.masks
     extra = {"vae_steps": vae_steps, "images": n, "minutes": cfg.minutes, "device": str(dev),
              "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "fmnist")}}
+    if not unet_done:  # a usable model after every invocation: the EMA weights so far
+        extra["partial"] = f"{unet_steps} of {cfg.unet_steps} UNet steps"
     model_dir = export_v2(out, identities, extra)
-    log.phase("exported")
+    log.phase("exported", unet_steps=unet_steps, complete=unet_done)
     named = identities["named"][:2]
     from ..world.render import CLASSES
     caps = DEFAULT_CAPTIONS + [f"a {d['word']} {CLASSES[d['cls']]}" for d in named]
     sample_grid(model_dir, out, dev, caps, cfg.grid_steps)
     log.phase("grid")
+    log.rec["status"] = "complete" if unet_done else f"paused in the UNet stage ({unet_steps} of {cfg.unet_steps}), exported"
+    log.write()
+    return log.rec
+
+
+def _paused(log: Log, stage: str, done: int, of: int) -> dict:
+    log.phase("paused", stage=stage, done=done, of=of)
+    log.rec["status"] = f"paused in the {stage} stage ({done} of {of})"
     log.write()
     return log.rec
 
@@ -467,6 +650,8 @@ def parse(argv=None) -> V2Config:
     cfg = V2Config(**a)
     if cfg.minutes <= 0 or cfg.images < 1 or not 0 < cfg.vae_share < 1:
         ap.error("--minutes and --images must be positive and --vae-share in (0, 1)")
+    if cfg.vae_steps < 0 or cfg.unet_steps < 0 or bool(cfg.vae_steps) != bool(cfg.unet_steps):
+        ap.error("--vae-steps and --unet-steps go together (a resumable run), both positive")
     if cfg.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -475,9 +660,18 @@ def parse(argv=None) -> V2Config:
 
 
 def main(argv=None) -> None:
-    rec = run(parse(argv))
+    cfg = parse(argv)
+    try:
+        rec = run(cfg)
+    except KeyboardInterrupt:
+        if cfg.unet_steps:
+            raise SystemExit(f"interrupted; the state is saved in {cfg.out}: the same command continues the run")
+        raise SystemExit(f"interrupted; {cfg.out}/vae.pt and unet-ema.pt hold the last checkpoints "
+                         f"(export-v2 --out {cfg.out} exports them)")
     ph = rec["phases"]
     print(json.dumps({k: ph[k] for k in ph}, indent=1))
+    if rec["status"].startswith("paused"):
+        print(f"{rec['status']}: the same command continues the run")
 
 
 def main_export(argv=None) -> None:
