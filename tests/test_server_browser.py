@@ -124,7 +124,8 @@ def test_browser_upload_train_stop_resume_kill_generate_download(server, tmp_pat
         assert "SIGKILL" in page.inner_text("#error") and "zoodip-fast" in page.inner_text("#log")
         shot("run-failed")
         page.click("#resume")
-        state("done")
+        # a fresh process: imports, the model, the rest of the steps (a loaded 2-core machine needs minutes)
+        page.wait_for_selector("#state [data-state=done]", timeout=300_000)
         log = urllib.request.urlopen(f"{url}/api/runs/{run_id}/log").read().decode()
         starts = [l for l in log.splitlines() if l.startswith("== quantdream serve: start")]
         assert len(starts) == 3 and all(l.endswith("--resume") for l in starts[1:]) and "40/40" in log
