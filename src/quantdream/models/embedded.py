@@ -99,3 +99,21 @@ def vae_loss(vae, x, m, kl_weight: float):
     edge = ((dx(rec) - dx(x)).abs() * w[..., :, 1:]).mean() + ((dy(rec) - dy(x)).abs() * w[..., 1:, :]).mean()
     kl = post.kl().mean() / x[0].numel()
     return l1 + 0.5 * edge + kl_weight * kl, rec
+
+
+def vae_train_step(vae, opt, x, m, kl_weight: float, device_type: str, bf16: bool):
+    """One optimizer step on ``vae_loss`` (bf16 autocast when ``bf16``, gradients clipped at norm 1)."""
+    import torch
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        loss, rec = vae_loss(vae, x, m, kl_weight)
+    clipped_step(opt, loss, vae.parameters())
+    return loss, rec
+
+
+def clipped_step(opt, loss, params) -> None:
+    """The training step of every embedded-model stage: backward, gradients clipped at norm 1, update."""
+    import torch
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()

@@ -4,7 +4,8 @@
     python -m quantdream.models.train_embedded unet --run runs/embedded --steps 13000
     python -m quantdream.models.train_embedded export --run runs/embedded
 
-That is v1's recipe. v2's runs in one wall-clock budget (see ``models/train_v2.py``)::
+That is v1's recipe. v2's runs in one wall-clock budget, or in resumable pieces with ``--vae-steps`` and
+``--unet-steps`` (see ``models/train_v2.py``)::
 
     python -m quantdream.models.train_embedded gpu-v2 --minutes 5.2 --out DIR --device cuda
 
@@ -34,7 +35,7 @@ from ..checkpoint import atomic_json, graceful_interrupt, load_checkpoint, save_
 from ..world.captions import caption
 from ..world.fmnist import load_fmnist
 from ..world.render import render_batch, sample_scene
-from .embedded import MAX_LENGTH, PACKAGE_MODEL_DIR, TOKENIZER_DIR, build_components, vae_loss
+from .embedded import MAX_LENGTH, PACKAGE_MODEL_DIR, TOKENIZER_DIR, build_components, clipped_step, vae_train_step
 
 
 class WorldBatches:
@@ -113,12 +114,7 @@ def train_vae(a) -> None:
             if step % 10 == 0:
                 adjust_threads(run)
             x, m, _ = data(step, a.batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, rec = vae_loss(vae, x, m, a.kl_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
+            loss, rec = vae_train_step(vae, opt, x, m, a.kl_weight, "cpu", bf16=True)
             step += 1
             bar.update(1)
             if step % 20 == 0:
@@ -264,10 +260,7 @@ def train_unet(a) -> None:
             if a.x0_weight_max:  # layout: at high noise eps-loss = snr * x0-loss, so where the object goes is
                 w = torch.maximum(w, torch.clamp(1 / snr[t], max=a.x0_weight_max))  # almost free; weigh it as x0
             loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            clipped_step(opt, loss, params)
             step += 1
             with torch.no_grad():
                 d = min(a.ema, (1 + step) / (10 + step))

@@ -283,7 +283,7 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
     import torch
     from diffusers import AutoencoderKL
     from .embedded import PACKAGE_MODEL_DIR, VAE_CONFIG
-    from .embedded import vae_loss
+    from .embedded import vae_train_step
     if cfg.vae_init == "v1" and (PACKAGE_MODEL_DIR / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(str(PACKAGE_MODEL_DIR / "vae"), torch_dtype=torch.float32)
     else:
@@ -308,12 +308,7 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
             x, m = to_unit(data.images[idx]), data.masks[idx][:, None].float() / 255
             for p in opt.param_groups:
                 p["lr"] = lr_at(step, cfg.vae_lr, sched.frac(step), 50)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                loss, rec = vae_loss(vae, x, m, cfg.kl_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
+            loss, _ = vae_train_step(vae, opt, x, m, cfg.kl_weight, dev.type, bf16=dev.type == "cuda")
             step += 1
             if step % 25 == 0 or step == 1:
                 log.step(stage="vae", step=step, loss=round(loss.item(), 5), images=n)
@@ -411,7 +406,7 @@ def train_unet(cfg: V2Config, data: Prerender, vae, dev, end: float, log: Log):
     (An invocation that ends while encoding the latents returns (images encoded, None, False).)"""
     import torch
     import torch.nn.functional as F
-    from .embedded import MAX_LENGTH, build_components
+    from .embedded import MAX_LENGTH, build_components, clipped_step
     out = Path(cfg.out)
     comps = build_components(recipe="v2")
     tok, te, unet, sched = comps["tokenizer"], comps["text_encoder"], comps["unet"], comps["scheduler"]
@@ -473,10 +468,7 @@ def train_unet(cfg: V2Config, data: Prerender, vae, dev, end: float, log: Log):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 pred = unet(zt, t, te(cap)[0]).sample
             loss = (F.mse_loss(pred.float(), v, reduction="none").mean((1, 2, 3)) * w).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            clipped_step(opt, loss, params)
             step += 1
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(cfg.ema, (1 + step) / (10 + step)))
