@@ -2,6 +2,7 @@
 
     python benchmarks/embedded_model.py                 # full protocol: 200 held-out captions x 4 images
     python benchmarks/embedded_model.py --captions 40   # quicker look
+    python benchmarks/embedded_model.py --speed-only    # seconds per image alone
 
 prompt_accuracy: 4 images for each of 200 held-out random captions (README defaults: DDIM 25 steps,
 guidance 4.0), read by the world evaluator's attribute reader, averaged over the attributes each
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="out/bench_embedded", help="folder for sample grids")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="measure seconds_per_image alone (it depends on the architecture, not on the weights)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from diffusers import StableDiffusionPipeline
@@ -58,6 +61,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     res: dict = {"model": model, "sampler": f"DDIM {steps} steps, guidance {guidance}", "threads": a.threads}
+    if a.speed_only:
+        res["seconds_per_image"] = seconds_per_image(pipe, steps, guidance)
+        res["seconds_per_image<=2"] = res["seconds_per_image"] <= 2.0
+        print(json.dumps(res, indent=1, default=float))
+        return 0
     acc = measure_prompt_accuracy(pipe, ev, held_out_captions(a.captions), a.images, 0, steps, guidance,
                                   grid_path=out / "held_out_grid.png")
     res["prompt_accuracy"] = acc["overall"]
