@@ -255,19 +255,6 @@ class Schedule:
         return not self.target or step >= self.target
 
 
-def save_state(path: Path, **state) -> None:
-    """torch.save through a temporary file, so a crash mid-write keeps the previous checkpoint."""
-    import torch
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def load_state(path: Path) -> dict | None:
-    import torch
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
-
-
 def lr_at(step: int, base: float, frac: float, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine to 10% over the stage's wall-clock fraction."""
     return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
@@ -283,6 +270,7 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
     import torch
     from diffusers import AutoencoderKL
     from .embedded import PACKAGE_MODEL_DIR, VAE_CONFIG
+    from ..checkpoint import load_checkpoint, save_checkpoint
     from .embedded import vae_train_step
     if cfg.vae_init == "v1" and (PACKAGE_MODEL_DIR / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(str(PACKAGE_MODEL_DIR / "vae"), torch_dtype=torch.float32)
@@ -292,14 +280,15 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, fused=dev.type == "cuda")
     g = torch.Generator(device=dev).manual_seed(cfg.seed)
     step, state_path = 0, Path(cfg.out) / "vae-state.pt"
-    st = load_state(state_path) if cfg.vae_steps else None
+    st = load_checkpoint(state_path) if cfg.vae_steps else None
     if st is not None:
         vae.load_state_dict(st["vae"])
         opt.load_state_dict(st["opt"])
         g.set_state(st["gen"].to(g.get_state().device))
         step = st["step"]
         log.phase("vae_resumed", step=step)
-    save = lambda: save_state(state_path, vae=vae.state_dict(), opt=opt.state_dict(), gen=g.get_state(), step=step)
+    save = lambda: save_checkpoint(state_path, dict(vae=vae.state_dict(), opt=opt.state_dict(), gen=g.get_state(),
+                                                    step=step))
     sched, last_ckpt = Schedule(cfg.vae_steps, time.time(), end), time.time()
     try:
         while sched.running(step):
@@ -337,8 +326,9 @@ def train_vae(cfg: V2Config, data: Prerender, dev, end: float, log: Log):
 def load_vae(out: Path, dev):
     """The finished autoencoder of a resumable run (OUT/vae.pt)."""
     import torch
-    from .embedded import build_components
-    vae = build_components(recipe="v2")["vae"]
+    from diffusers import AutoencoderKL
+    from .embedded import VAE_CONFIG
+    vae = AutoencoderKL(**VAE_CONFIG)
     vae.load_state_dict(torch.load(out / "vae.pt", map_location="cpu"))
     return vae.to(dev).eval().requires_grad_(False)
 
@@ -362,7 +352,8 @@ def encode_cached(vae, images, path: Path, end: float, every_s: float, batch: in
     that runs out of time hands its work to the next one (CPU: ~70 images/s per core). Returns (mean, std, done):
     mean and std are None while ``done`` < len(images)."""
     import torch
-    st = load_state(path)
+    from ..checkpoint import load_checkpoint, save_checkpoint
+    st = load_checkpoint(path)
     if st is None or st["n"] != len(images):
         st = {"n": len(images), "mean": [], "std": []}
     done, last = sum(len(m) for m in st["mean"]), time.time()
@@ -375,10 +366,10 @@ def encode_cached(vae, images, path: Path, end: float, every_s: float, batch: in
             st["std"].append(sd.cpu())
             done += len(m)
             if time.time() - last > every_s:
-                save_state(path, **st)
+                save_checkpoint(path, st)
                 last = time.time()
     finally:
-        save_state(path, **st)
+        save_checkpoint(path, st)
     dev = images.device
     return torch.cat(st["mean"]).to(dev), torch.cat(st["std"]).to(dev), done
 
@@ -406,6 +397,7 @@ def train_unet(cfg: V2Config, data: Prerender, vae, dev, end: float, log: Log):
     (An invocation that ends while encoding the latents returns (images encoded, None, False).)"""
     import torch
     import torch.nn.functional as F
+    from ..checkpoint import load_checkpoint, save_checkpoint
     from .embedded import MAX_LENGTH, build_components, clipped_step
     out = Path(cfg.out)
     comps = build_components(recipe="v2")
@@ -429,7 +421,7 @@ def train_unet(cfg: V2Config, data: Prerender, vae, dev, end: float, log: Log):
     ema = [p.detach().clone() for p in params]
     g = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     step, state_path = 0, out / "unet-state.pt"
-    st = load_state(state_path) if cfg.unet_steps else None
+    st = load_checkpoint(state_path) if cfg.unet_steps else None
     if st is not None:
         unet.load_state_dict(st["unet"])
         te.load_state_dict(st["te"])
@@ -444,8 +436,8 @@ def train_unet(cfg: V2Config, data: Prerender, vae, dev, end: float, log: Log):
     def checkpoint():
         save_ema(cfg, unet, te, params, ema, step, scaling)
         if cfg.unet_steps:
-            save_state(state_path, unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(),
-                       ema=[e.detach().cpu() for e in ema], gen=g.get_state(), step=step)
+            save_checkpoint(state_path, dict(unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(),
+                                             ema=[e.detach().cpu() for e in ema], gen=g.get_state(), step=step))
 
     n, b = len(mean), cfg.unet_batch
     sch, last_ckpt = Schedule(cfg.unet_steps, time.time(), end), time.time()
@@ -501,8 +493,7 @@ def export_v2(out: Path, instances: dict, extra: dict) -> Path:
     from ..checkpoint import atomic_json
     from .embedded import TOKENIZER_DIR, build_components
     comps = build_components(recipe="v2")
-    vae = comps["vae"]
-    vae.load_state_dict(torch.load(out / "vae.pt", map_location="cpu"))
+    vae = load_vae(out, "cpu")
     ck = torch.load(out / "unet-ema.pt", map_location="cpu")
     for name, mod in (("unet.", comps["unet"]), ("te.", comps["text_encoder"])):
         missing = mod.load_state_dict({k[len(name):]: v for k, v in ck["ema"].items() if k.startswith(name)},
