@@ -1,6 +1,5 @@
 """GF-TI pieces on toy problems: the CMA-ES adapter solves a sphere, resumes exactly, the PCA subspace
 fits an embedded-sized vocabulary, class attention is the softmax-weighted mean of class rows."""
-import numpy as np
 import pytest
 import torch
 

@@ -295,6 +295,7 @@ def test_resume_after_ctrl_c_matches_an_uninterrupted_run(tiny_model, photos, tm
     done = personalize(build_config(overrides={**kw, "out": str(tmp_path / "cut"), "resume": True}))
     assert done.completed and done.losses == pytest.approx(full.losses, abs=0)
     a, b = json.loads((tmp_path / "full" / "run.json").read_text()), json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert a["outputs"] == b["outputs"]
     for f in a["outputs"]:
         if f.endswith(".safetensors"):
             from safetensors.torch import load_file

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..diffusion import TimestepSampler, puts, uniform
+from ..diffusion import puts, uniform
 from .base import DenoisingObjective, Method, Streams
 
 

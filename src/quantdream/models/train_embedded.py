@@ -35,7 +35,7 @@ from ..checkpoint import atomic_json, graceful_interrupt, load_checkpoint, save_
 from ..world.captions import caption
 from ..world.fmnist import load_fmnist
 from ..world.render import render_batch, sample_scene
-from .embedded import MAX_LENGTH, PACKAGE_MODEL_DIR, TOKENIZER_DIR, build_components, clipped_step, vae_train_step
+from .embedded import MAX_LENGTH, PACKAGE_MODEL_DIR, build_components, clipped_step, vae_train_step
 
 
 class WorldBatches:

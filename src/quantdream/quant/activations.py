@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from .apply import quantized_layers
-from .modules import QuantizedLayer
 
 logger = logging.getLogger(__name__)
 

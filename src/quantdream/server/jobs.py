@@ -273,7 +273,6 @@ class Queue:
     def _finish(self, rec: dict, job: dict, key: tuple[str, str], rc: int | None) -> None:
         """Record how a job ended: done (exit 0 and its result file), stopped (exit 130 after Ctrl-C/stop),
         failed (anything else; the error line or the signal that killed it, and the log stays)."""
-        d = self.store.run_dir(rec["id"])
         gen = key[1] not in ("", EVAL)
         folder = self._folder(rec, key[1])
         log = folder / "log.txt"

@@ -7,7 +7,7 @@ are what a personal subject has that words cannot pin down.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
