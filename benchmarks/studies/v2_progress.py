@@ -7,10 +7,14 @@ attribute reader) on fewer captions, so that a point on the curve costs minutes,
 
     python benchmarks/studies/v2_progress.py MODEL [MODEL ...] --captions 40 --images 4 --threads 1
     python benchmarks/studies/v2_progress.py MODEL --guidance 4 7.5 10     # the sampler's guidance too
+    python benchmarks/studies/v2_progress.py MODEL --autoencoder-only      # where the autoencoder loses class
 
 Prints one JSON object: for each model (and guidance scale) its UNet step, samples seen, prompt accuracy and per-attribute accuracy,
 and the share of generated images read as each class per caption class (where class goes wrong). The full
 protocol (200 captions) is ``benchmarks/embedded_model.py``; this study only tracks a run between its exports.
+``--autoencoder-only`` reads the 1000 rendered test-split scenes of ``reader_on_world`` and their reconstructions by
+the model's autoencoder, and splits the reader's class accuracy by object count and size and by class: the class a
+generated image can be read as is bounded by what its autoencoder keeps.
 """
 from __future__ import annotations
 
@@ -41,6 +45,42 @@ def class_confusion(reads: list[dict], named: list[dict]) -> dict:
     return {c: {k: round(v / sum(cnt.values()), 3) for k, v in cnt.most_common()} for c, cnt in sorted(by_class.items())}
 
 
+def _class_table(keys: list[str], truths: list[dict], real: list[dict], rec: list[dict]) -> dict:
+    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for k, t, a, b in zip(keys, truths, real, rec):
+        rows[k][0] += 1
+        rows[k][1] += a["class"] == t["class"]
+        rows[k][2] += b["class"] == t["class"]
+    return {k: {"n": n, "real": round(x / n, 3), "reconstructed": round(y / n, 3)} for k, (n, x, y) in sorted(rows.items())}
+
+
+def autoencoder_class(model: Path, evaluator, n: int = 1000) -> dict:
+    """The reader's class accuracy on renders and on their reconstructions, by object count and size, by class."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from quantdream.eval.world_protocol import HELD_OUT_SEED
+    from quantdream.world.fmnist import load_fmnist
+    from quantdream.world.render import render_batch, sample_scene
+
+    items, labels = load_fmnist("test")
+    rng = np.random.default_rng(HELD_OUT_SEED + 1)          # the scenes of reader_on_world
+    scenes = [sample_scene(rng, labels, split="test") for _ in range(n)]
+    imgs = render_batch(scenes, items)
+    truths = [s.attributes() for s in scenes]
+    vae = AutoencoderKL.from_pretrained(str(model / "vae")).float()
+    with torch.no_grad():
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = torch.cat([vae.decode(vae.encode(x[k:k + 100]).latent_dist.mode()).sample.clamp(-1, 1)
+                         for k in range(0, n, 100)])
+    real, read = evaluator.read(imgs), evaluator.read(rec)
+    sizes = [f"{t['n_objects']} object{'s' if t['n_objects'] > 1 else ''}" + (f", {t['size']}" if "size" in t else "")
+             for t in truths]
+    return {"all": _class_table(["all"] * n, truths, real, read)["all"],
+            "by_objects_and_size": _class_table(sizes, truths, real, read),
+            "by_class": _class_table([t["class"] for t in truths], truths, real, read)}
+
+
 def measure(model: Path, captions, n_images: int, steps: int, guidance: float, evaluator) -> dict:
     from diffusers import StableDiffusionPipeline
 
@@ -67,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--guidance", type=float, nargs="+", default=None,
                     help="classifier-free guidance scales to try (default: the embedded model's sampling default)")
+    ap.add_argument("--autoencoder-only", action="store_true",
+                    help="only the reader's class accuracy on renders and their reconstructions (no generation)")
     a = ap.parse_args(argv)
     missing = [m for m in a.models if not (Path(m) / "model_index.json").is_file()]
     if missing:
@@ -76,10 +118,14 @@ def main(argv=None) -> int:
     from quantdream.eval.world_protocol import held_out_captions
     from quantdream.models.load import SAMPLING_DEFAULTS
 
+    ev = load_evaluator()
+    if a.autoencoder_only:
+        print(json.dumps({Path(m).name: {**snapshot_info(Path(m)), **autoencoder_class(Path(m), ev)}
+                          for m in a.models}, indent=1))
+        return 0
     steps, default_guidance = SAMPLING_DEFAULTS["tiny"]
     scales = a.guidance or [default_guidance]
     captions = held_out_captions(a.captions)
-    ev = load_evaluator()
     res = {"protocol": f"{a.captions} held-out captions x {a.images} images, DDIM {steps} steps",
            "threads": a.threads, "snapshots": {}}
     for m in a.models:
