@@ -54,29 +54,18 @@ def _class_table(keys: list[str], truths: list[dict], real: list[dict], rec: lis
     return {k: {"n": n, "real": round(x / n, 3), "reconstructed": round(y / n, 3)} for k, (n, x, y) in sorted(rows.items())}
 
 
-def autoencoder_class(model: Path, evaluator, n: int = 1000) -> dict:
+def autoencoder_class(model: Path, evaluator) -> dict:
     """The reader's class accuracy on renders and on their reconstructions, by object count and size, by class."""
-    import numpy as np
     from diffusers import AutoencoderKL
 
-    from quantdream.eval.world_protocol import HELD_OUT_SEED
-    from quantdream.world.fmnist import load_fmnist
-    from quantdream.world.render import render_batch, sample_scene
+    from quantdream.eval.world_protocol import reads_on_world
 
-    items, labels = load_fmnist("test")
-    rng = np.random.default_rng(HELD_OUT_SEED + 1)          # the scenes of reader_on_world
-    scenes = [sample_scene(rng, labels, split="test") for _ in range(n)]
-    imgs = render_batch(scenes, items)
-    truths = [s.attributes() for s in scenes]
     vae = AutoencoderKL.from_pretrained(str(model / "vae")).float()
-    with torch.no_grad():
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
-        rec = torch.cat([vae.decode(vae.encode(x[k:k + 100]).latent_dist.mode()).sample.clamp(-1, 1)
-                         for k in range(0, n, 100)])
-    real, read = evaluator.read(imgs), evaluator.read(rec)
+    r = reads_on_world(evaluator, vae)          # the scenes of benchmarks/embedded_model.py's reader figures
+    truths, real, read = r["truths"], r["real"], r["reconstructed"]
     sizes = [f"{t['n_objects']} object{'s' if t['n_objects'] > 1 else ''}" + (f", {t['size']}" if "size" in t else "")
              for t in truths]
-    return {"all": _class_table(["all"] * n, truths, real, read)["all"],
+    return {"all": _class_table(["all"] * len(truths), truths, real, read)["all"],
             "by_objects_and_size": _class_table(sizes, truths, real, read),
             "by_class": _class_table([t["class"] for t in truths], truths, real, read)}
 

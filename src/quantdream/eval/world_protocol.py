@@ -45,23 +45,29 @@ def measure_prompt_accuracy(pipe, evaluator, captions: list[tuple[str, dict]], n
     return acc
 
 
-def reader_on_world(evaluator, vae=None, n: int = 1000, seed: int = HELD_OUT_SEED + 1) -> dict:
-    """Reader accuracy on rendered test-split images and (with ``vae``) on their reconstructions."""
+def reads_on_world(evaluator, vae=None, n: int = 1000, seed: int = HELD_OUT_SEED + 1) -> dict:
+    """The reader's per-image reads of ``n`` rendered test-split scenes ("real") and (with ``vae``) of their
+    reconstructions ("reconstructed"), with the scenes' full records ("truths")."""
     from ..world.fmnist import load_fmnist
     items, labels = load_fmnist("test")
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, labels, split="test") for _ in range(n)]
     imgs = render_batch(scenes, items)
-    truths = [s.attributes() for s in scenes]
-    out = {"real": reader_accuracy(evaluator.read(imgs), truths)}
+    out = {"truths": [s.attributes() for s in scenes], "real": evaluator.read(imgs)}
     if vae is not None:
         recs = []
         with torch.no_grad():
             for k in range(0, n, 100):
                 x = torch.from_numpy(imgs[k:k + 100]).permute(0, 3, 1, 2).float().to(vae.device, vae.dtype) / 127.5 - 1
                 recs.append(vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1).cpu())
-        out["reconstructed"] = reader_accuracy(evaluator.read(torch.cat(recs)), truths)
+        out["reconstructed"] = evaluator.read(torch.cat(recs))
     return out
+
+
+def reader_on_world(evaluator, vae=None, n: int = 1000, seed: int = HELD_OUT_SEED + 1) -> dict:
+    """Reader accuracy on rendered test-split images and (with ``vae``) on their reconstructions."""
+    reads = reads_on_world(evaluator, vae, n, seed)
+    return {k: reader_accuracy(reads[k], reads["truths"]) for k in ("real", "reconstructed") if k in reads}
 
 
 def subject_room(pipe, evaluator, subject: dict, n_images: int = 8, seed: int = 0, steps: int = 25,
