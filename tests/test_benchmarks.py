@@ -412,3 +412,28 @@ def test_one_off_studies_live_apart_from_the_benchmarks():
     assert not studies & {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
     readme = (ROOT / "benchmarks" / "studies" / "README.md").read_text()
     assert all(f"{s}.py" in readme for s in studies)
+
+
+def test_latent_probe_crops_cover_every_object_and_score_by_size():
+    import numpy as np
+    import torch
+    from quantdream.world.render import render, sample_scene
+    lp = load_script("latent_probe")
+    rng = np.random.default_rng(0)
+    items = rng.integers(40, 255, (50, 28, 28), dtype=np.uint8)
+    scenes = [sample_scene(rng, np.arange(50) % 10) for _ in range(30)]
+    boxes = lp.object_crops(scenes)
+    assert len(boxes) == sum(len(s.objects) for s in scenes)
+    for s in scenes:                             # every object pixel inside its object's box
+        _, mask = render(s, items, return_mask=True)
+        inside = np.zeros_like(mask, dtype=bool)
+        for i, x0, y0, side, _, _ in boxes:
+            if scenes[i] is s:
+                inside[y0:y0 + side, x0:x0 + side] = True
+        assert not (mask > 0)[~inside].any()
+    assert {b[5] for b in boxes} <= {"small", "large", "two objects"}
+    x = torch.randn(30, 8, 16, 16)
+    assert lp.crop(x, boxes, 4, lp.LATENT_CROP).shape == (len(boxes), 8, 8, 8)
+    assert lp.probe(3, lp.PIXEL_CROP)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    keys = ["small", "large", "small", "large"]
+    assert lp.score(torch.tensor([1, 2, 0, 0]), torch.tensor([1, 2, 3, 3]), keys) == {"all": 0.5, "large": 0.5, "small": 0.5}
