@@ -6,11 +6,11 @@ class: only a new autoencoder, with more latent resolution or channels, brings i
 latent holds it and the decoder draws it badly: a decoder trained further on the same latents brings it back,
 and a UNet trained on those latents keeps its training). This study tells the two apart.
 
-For each rendered scene it crops every object's box (the renderer's own geometry, ``object_boxes`` plus the
-scene's jitter): from the latent (box / 4, resized to 8x8, all latent channels) and from the render (resized to
-32x32). One small CNN per view learns the class from train-split scenes. On test-split scenes the latent probe is
-scored on latent crops, the pixel probe on render crops and, like the reader, on the same crops of the
-reconstructions. Accuracies by object size:
+For each rendered scene it crops every object's box (where the renderer put it, ``object_placements``): from the
+latent (box / 4, resized to 8x8, all latent channels) and from the render (resized to 32x32). One small CNN per
+view learns the class from train-split scenes. On test-split scenes the latent probe is scored on latent crops,
+the pixel probe on render crops and, like the reader, on the same crops of the reconstructions. Accuracies by
+object size:
 
     python benchmarks/studies/latent_probe.py MODEL --train 12000 --test 2000 --threads 1
 
@@ -45,15 +45,11 @@ def scenes_and_renders(split: str, n: int, seed: int):
 
 def object_crops(scenes) -> list[tuple[int, int, int, int, int, str]]:
     """(scene index, x0, y0, side, class, size key) of every object, where ``render`` put it."""
-    from quantdream.world.render import POSITIONS, RES, SIZES, object_boxes
+    from quantdream.world.render import SIZES, object_placements
     out = []
     for i, s in enumerate(scenes):
-        boxes = object_boxes(len(s.objects), SIZES[s.size], POSITIONS[s.position])
         key = SIZES[s.size] if len(s.objects) == 1 else "two objects"
-        for obj, (cx, cy, side) in zip(s.objects, boxes):
-            x0 = min(max(int(round(cx - side / 2 + s.jitter[0])), 0), RES - side)
-            y0 = min(max(int(round(cy - side / 2 + s.jitter[1])), 0), RES - side)
-            out.append((i, x0, y0, side, obj.cls, key))
+        out += [(i, x0, y0, side, obj.cls, key) for obj, (x0, y0, side) in zip(s.objects, object_placements(s))]
     return out
 
 
@@ -117,11 +113,8 @@ def fit(xtr, ytr, epochs: int, seed: int):
 
 def score(pred, yte, keys) -> dict:
     hit = (pred == yte).numpy()
-    out = {"all": round(float(hit.mean()), 3)}
-    for k in sorted(set(keys)):
-        sel = np.asarray(keys) == k
-        out[k] = round(float(hit[sel].mean()), 3)
-    return out
+    keys = np.asarray(keys)
+    return {"all": round(float(hit.mean()), 3), **{k: round(float(hit[keys == k].mean()), 3) for k in sorted(set(keys))}}
 
 
 def views(vae, scenes, imgs, decode: bool):

@@ -149,6 +149,16 @@ def object_boxes(n_objects: int, size: str = "small", position: str = "center") 
     return [(RES * 0.27, RES / 2, side), (RES * 0.73, RES / 2, side)]
 
 
+def object_placements(scene: Scene) -> list[tuple[int, int, int]]:
+    """(x0, y0, side) in pixels of each object of ``scene`` as :func:`render` draws it: its box, jittered, inside the image."""
+    out = []
+    for cx, cy, side in object_boxes(len(scene.objects), SIZES[scene.size], POSITIONS[scene.position]):
+        x0 = int(round(cx - side / 2 + scene.jitter[0]))
+        y0 = int(round(cy - side / 2 + scene.jitter[1]))
+        out.append((min(max(x0, 0), RES - side), min(max(y0, 0), RES - side), side))
+    return out
+
+
 def render(scene: Scene, items: np.ndarray, return_mask: bool = False):
     """Render ``scene`` with grey items ``items`` (N, 28, 28) of its split. Returns uint8 (64, 64, 3)
     (and the float object mask (64, 64) if ``return_mask``)."""
@@ -156,13 +166,9 @@ def render(scene: Scene, items: np.ndarray, return_mask: bool = False):
                         dtype=np.float32) / 255.0
     img = render_background(scene.bg_pattern, bg_rgb, scene.stripe_dir)
     mask = np.zeros((RES, RES), dtype=np.float32)
-    boxes = object_boxes(len(scene.objects), SIZES[scene.size], POSITIONS[scene.position])
-    for obj, (cx, cy, side) in zip(scene.objects, boxes):
+    for obj, (x0, y0, side) in zip(scene.objects, object_placements(scene)):
         rgb = np.asarray(obj.rgb if obj.rgb is not None else COLOURS[COLOUR_NAMES[obj.colour]], dtype=np.float32) / 255.0
         layer, alpha = _object_layer(items[obj.item], side, rgb, obj)
-        x0 = int(round(cx - side / 2 + scene.jitter[0]))
-        y0 = int(round(cy - side / 2 + scene.jitter[1]))
-        x0, y0 = min(max(x0, 0), RES - side), min(max(y0, 0), RES - side)
         sl = (slice(y0, y0 + side), slice(x0, x0 + side))
         img[sl] = img[sl] * (1 - alpha[..., None]) + layer * alpha[..., None]
         mask[sl] = np.maximum(mask[sl], alpha)
